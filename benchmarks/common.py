@@ -1,0 +1,144 @@
+"""What every benchmark shares: the machine line, timing, medians, a table printer and a JSON row writer.
+
+Benchmarks compare side by side in one run and report ratios; absolute figures drift from run to run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+PYTHON = sys.executable
+ETAPPE = str(Path(PYTHON).with_name("etappe"))
+OUT = HERE / "out"  # JSON rows of the last run of each benchmark (git-ignored)
+
+
+def machine() -> str:
+    """``2026-11-23, 2 CPUs (AMD EPYC), torch 2.13.0+cpu, Python 3.11.9`` -- imports torch."""
+    import torch
+
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = f" ({line.split(':', 1)[1].strip()})"
+                break
+    except OSError:
+        pass
+    return (f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs{cpu}, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} torch threads, Python {platform.python_version()}")
+
+
+def command() -> str:
+    """The command line that ran this benchmark, as it would be typed."""
+    script = Path(sys.argv[0])
+    try:
+        script = script.resolve().relative_to(ROOT)
+    except ValueError:
+        pass
+    return " ".join([".venv/bin/python", str(script), *sys.argv[1:]])
+
+
+def parser(doc: str | None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=(doc or "").strip().splitlines()[0] if doc else None)
+    p.add_argument("--full", action="store_true", help="full sizes (slow); default: quick sizes")
+    p.add_argument("--repeats", type=int, default=None, help="runs per variant (median is reported)")
+    return p
+
+
+def median(values: Iterable[float]) -> float:
+    values = list(values)
+    return statistics.median(values) if values else float("nan")
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    """Seconds ``fn()`` took (perf_counter) and what it returned."""
+    start = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - start, result
+
+
+def alternate(variants: dict[str, Callable[[], float]], repeats: int) -> dict[str, list[float]]:
+    """Run each variant once per round, ``repeats`` rounds, in rotating order so drift hits all alike.
+    Each variant returns its figure; the lists of figures are returned by name."""
+    names = list(variants)
+    figures: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeats):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for name in order:
+            figures[name].append(variants[name]())
+    return figures
+
+
+def fmt(value: Any) -> str:
+    if isinstance(value, float):
+        if value != value:
+            return "-"
+        if abs(value) >= 100:
+            return f"{value:,.0f}"
+        if abs(value) >= 10:
+            return f"{value:.1f}"
+        return f"{value:.3f}"
+    return str(value)
+
+
+def table(title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A Markdown table (also readable on a terminal), printed and returned."""
+    cells = [[fmt(c) for c in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+    text = "\n".join([f"\n{title}", line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|",
+                      *(line(r) for r in cells)])
+    print(text, flush=True)
+    return text
+
+
+def write_rows(name: str, rows: list[dict]) -> Path:
+    """Save this run's rows (with date, machine and command) to benchmarks/out/NAME.json."""
+    OUT.mkdir(exist_ok=True)
+    path = OUT / f"{name}.json"
+    path.write_text(json.dumps({"machine": machine(), "command": command(), "rows": rows}, indent=1) + "\n")
+    return path
+
+
+def run_quiet(cmd: Sequence[str], **kwargs: Any) -> subprocess.CompletedProcess:
+    """Run a command, capturing its output; raise with its stderr when it fails unexpectedly."""
+    return subprocess.run(list(cmd), capture_output=True, text=True, cwd=kwargs.pop("cwd", ROOT), **kwargs)
+
+
+def drop_page_cache() -> bool:
+    """Flush dirty pages and drop the page cache (needs root); False where it is not allowed."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def check_store() -> str | None:
+    """None when etappe's checkpoint store is importable, else why not (for a 'pending' note)."""
+    try:
+        import etappe.checkpoint as ck  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 -- any import failure means the store is not there yet
+        return f"etappe.checkpoint is not importable yet ({type(exc).__name__}: {exc})"
+    missing = [n for n in ("save", "load", "CheckpointStore") if not hasattr(ck, n)]
+    return f"etappe.checkpoint lacks {', '.join(missing)}" if missing else None

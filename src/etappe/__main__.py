@@ -1,0 +1,5 @@
+import sys
+
+from etappe.cli import main
+
+sys.exit(main())

@@ -1,0 +1,111 @@
+"""From a TrainConfig to the objects of a run: data, model, loss, optimizer, scheduler, trainer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from etappe import models
+from etappe.config import TrainConfig
+from etappe.data import Dataset, load_dataset
+from etappe.errors import UsageError
+from etappe.state import seed_everything
+
+LOSSES: dict[str, Callable[[], nn.Module]] = {
+    "cross-entropy": nn.CrossEntropyLoss,
+    "mse": nn.MSELoss,
+    "l1": nn.L1Loss,
+    "bce": nn.BCEWithLogitsLoss,
+}
+
+
+def make_loss(name: str, data: Dataset) -> nn.Module:
+    if name == "auto":
+        name = "cross-entropy" if data.spec.num_classes is not None else "mse"
+    if name not in LOSSES:
+        raise UsageError(f"unknown loss {name!r}; choose one of: {', '.join(LOSSES)}")
+    if name == "cross-entropy" and data.spec.num_classes is None:
+        raise UsageError(f"loss 'cross-entropy' needs a classification data set; {data.spec.name!r} is regression (use mse or l1)")
+    if name in ("mse", "l1") and data.spec.num_classes is not None:
+        raise UsageError(
+            f"loss {name!r} needs real-valued targets; {data.spec.name!r} has class labels (use cross-entropy)"
+        )
+    return LOSSES[name]()
+
+
+def make_optimizer(config: TrainConfig, params: Any) -> torch.optim.Optimizer:
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    if config.optimizer == "adam":
+        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay or 0.01)
+
+
+def make_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer) -> Any:
+    if config.scheduler == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.step_size, gamma=config.gamma)
+    if config.scheduler == "exponential":
+        return torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=config.gamma)
+    if config.scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
+    return None
+
+
+@dataclass
+class Run:
+    config: TrainConfig
+    data: Dataset
+    model: nn.Module
+    loss_fn: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+
+    def saved_config(self) -> dict:
+        """The config as saved in checkpoints: enough to rebuild the model from the checkpoint alone."""
+        return {**self.config.to_dict(), "data_spec": self.data.spec.to_dict()}
+
+
+def build_run(config: TrainConfig) -> Run:
+    """Load the data and build model, loss, optimizer and scheduler, seeded from ``config.seed``."""
+    data = load_dataset(config.data, data_dir=config.data_dir, seed=config.seed)
+    seed_everything(config.seed)
+    model = models.build(config.model, data.spec.input_shape, data.spec.num_outputs, **config.model_kwargs)
+    loss_fn = make_loss(config.loss, data)
+    optimizer = make_optimizer(config, model.parameters())
+    return Run(config, data, model, loss_fn, optimizer, make_scheduler(config, optimizer))
+
+
+def make_trainer(run: Run, *, allow_config_change: bool = False) -> Any:
+    from etappe.loop import Trainer
+
+    c = run.config
+    return Trainer(
+        run.model,
+        run.optimizer,
+        run.loss_fn,
+        train_data=run.data.train,
+        val_data=run.data.test,
+        batch_size=c.batch_size,
+        scheduler=run.scheduler,
+        scheduler_interval=c.scheduler_interval,
+        device=c.device,
+        clip_grad_norm=c.clip_grad_norm,
+        seed=c.seed,
+        num_workers=c.num_workers,
+        run_dir=c.resolved_run_dir(),
+        save_every=c.save_every,
+        save_every_seconds=c.save_every_seconds,
+        keep_last=c.keep_last,
+        keep_best=c.keep_best,
+        monitor=c.monitor,
+        patience=c.patience,
+        config=run.saved_config(),
+        allow_config_change=allow_config_change,
+        num_outputs=run.data.spec.num_outputs,
+        deterministic=c.deterministic,
+        quiet=c.quiet,
+        tensorboard=c.tensorboard,
+    )

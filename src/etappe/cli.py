@@ -1,0 +1,318 @@
+"""The ``etappe`` command: train, resume, eval, plot, inspect, verify, export, predict.
+
+Handlers import torch and the rest lazily, so ``etappe --help`` and errors for bad flags answer at once.
+Expected failures (EtappeError) print one line and exit with their code; nothing else is caught.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import MISSING, fields
+from pathlib import Path
+from typing import Any, Sequence
+
+from etappe.config import LOSSES, OPTIMIZERS, SCHEDULERS, TrainConfig, read_toml
+from etappe.errors import EtappeError, UsageError
+
+HELP = {
+    "data": "data set: digits (default, embedded), mnist, fashion-mnist, linear, sine, or idx:DIR",
+    "model": "model: cnn (default), mlp, linear, sine-mlp, or module:factory for your own",
+    "epochs": "epochs in all (on an existing run: train until this many are done)",
+    "batch_size": "samples per mini-batch",
+    "lr": "learning rate",
+    "optimizer": f"optimizer: {', '.join(OPTIMIZERS)}",
+    "momentum": "SGD momentum",
+    "weight_decay": "weight decay",
+    "loss": f"loss: {', '.join(LOSSES)}; default cross-entropy for classes, mse for regression",
+    "scheduler": f"LR scheduler: {', '.join(SCHEDULERS)}",
+    "scheduler_interval": "step the scheduler per 'epoch' (default) or per 'step'",
+    "step_size": "StepLR: epochs (or steps) between decays",
+    "gamma": "StepLR/ExponentialLR decay factor",
+    "clip_grad_norm": "clip the gradient norm to this value",
+    "seed": "random seed (weights, data order, dropout)",
+    "device": "auto (CUDA when present, else CPU), cpu, cuda, cuda:N",
+    "deterministic": "use deterministic algorithms (default: on for CPU)",
+    "data_dir": "folder holding data set files (also $ETAPPE_DATA)",
+    "num_workers": "DataLoader worker processes (0: batches by indexing, fastest on small machines)",
+    "run_dir": "run folder (default runs/<data>-<model>; an existing folder is resumed)",
+    "save_every": "also save a checkpoint every N optimizer steps",
+    "save_every_seconds": "also save a checkpoint every T seconds",
+    "async_save": "write checkpoints in a background thread",
+    "keep_last": "checkpoints to keep, newest first",
+    "keep_best": "checkpoints to keep, best by --monitor",
+    "monitor": "metric for best checkpoints and early stopping (val_loss, val_accuracy)",
+    "patience": "stop after this many epochs without improvement of --monitor",
+    "quiet": "print only the final result",
+    "tensorboard": "also write TensorBoard event files (needs tensorboard)",
+}
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    for f in fields(TrainConfig):
+        if f.name == "model_kwargs":
+            parser.add_argument("--model-arg", dest="model_kwargs", action="append", metavar="KEY=VALUE",
+                                default=argparse.SUPPRESS, help="keyword argument for the model factory (repeatable)")
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not MISSING else None
+        if isinstance(default, bool) or f.name == "deterministic":
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                                help=HELP.get(f.name))
+        else:
+            kind = {int: int, float: float}.get(type(default), str)
+            if f.name in ("clip_grad_norm", "save_every_seconds"):
+                kind = float
+            elif f.name in ("save_every", "patience"):
+                kind = int
+            parser.add_argument(flag, dest=f.name, type=kind, default=argparse.SUPPRESS,
+                                help=f"{HELP.get(f.name, '')} (default: {default})")
+
+
+def _parse_model_args(pairs: list[str]) -> dict:
+    import json
+
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise UsageError(f"--model-arg expects KEY=VALUE, got {pair!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def _config_from_args(args: argparse.Namespace, base: dict | None = None) -> tuple[TrainConfig, set[str]]:
+    """Defaults, then the saved run's config (``base``), then --config FILE, then flags. Returns the config and
+    the keys the user set explicitly."""
+    values: dict[str, Any] = dict(base or {})
+    explicit: set[str] = set()
+    if getattr(args, "config", None):
+        from_file = read_toml(args.config)
+        values.update(from_file)
+        explicit |= set(from_file)
+    names = {f.name for f in fields(TrainConfig)}
+    for name in names:
+        if name in vars(args):
+            value = getattr(args, name)
+            values[name] = _parse_model_args(value) if name == "model_kwargs" else value
+            explicit.add(name)
+    values = {k: v for k, v in values.items() if k in names}
+    return TrainConfig.from_dict(values), explicit
+
+
+def _saved_config(run_dir: Path) -> dict | None:
+    import json
+
+    path = run_dir / "config.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    return None
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    config, explicit = _config_from_args(args)
+    run_dir = config.resolved_run_dir()
+    if "run_dir" not in explicit and getattr(args, "resume_dir", None) is None and run_dir.exists():
+        # A default run folder that exists belongs to an earlier run: start a new one beside it.
+        n = 2
+        while Path(f"{run_dir}-{n}").exists():
+            n += 1
+        config = config.replace(run_dir=f"{run_dir}-{n}")
+    elif run_dir.exists():
+        saved = _saved_config(run_dir)
+        if saved is not None:
+            saved.pop("data_spec", None)
+            saved["run_dir"] = str(run_dir)
+            config, explicit = _config_from_args(args, base=saved)
+    return _train(config, allow_config_change=args.allow_config_change)
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    run_dir = Path(args.run)
+    saved = _saved_config(run_dir)
+    if saved is None:
+        raise UsageError(f"{run_dir} is not a run folder (no config.json); start one with: etappe train --run-dir {run_dir}")
+    saved.pop("data_spec", None)
+    saved["run_dir"] = str(run_dir)
+    config, _ = _config_from_args(args, base=saved)
+    return _train(config, allow_config_change=args.allow_config_change)
+
+
+def _train(config: TrainConfig, allow_config_change: bool) -> int:
+    import json
+    import time
+
+    start = time.perf_counter()
+    from etappe.build import build_run, make_trainer
+    from etappe.checkpoint.fsio import atomic_write_bytes
+    from etappe.loop import evaluate
+
+    run = build_run(config)
+    trainer = make_trainer(run, allow_config_change=allow_config_change)
+    run_dir = config.resolved_run_dir()
+    if trainer.main:
+        atomic_write_bytes(run_dir / "config.json", (json.dumps(run.saved_config(), indent=2) + "\n").encode())
+        if not config.quiet:
+            print(f"Training {config.model} on {config.data} ({len(run.data.train)} train / {len(run.data.test)} test "
+                  f"samples) on {trainer.device}; run folder {run_dir}", flush=True)
+    trainer.fit(config.epochs)
+    if trainer.main:
+        result = evaluate(trainer.models["model"], run.data.test, run.loss_fn)
+        weights = run_dir / "model.safetensors"
+        _save_weights(trainer.models["model"], weights)
+        acc = f" | test accuracy {100 * result['accuracy']:.2f}%" if "accuracy" in result else ""
+        print(f"Test loss {result['loss']:.4f}{acc} ({result['samples']} samples) | weights {weights} | "
+              f"{time.perf_counter() - start:.1f} s", flush=True)
+    return 0
+
+
+def _save_weights(model: Any, path: Path) -> None:
+    from safetensors.torch import save as st_save
+
+    from etappe.checkpoint.fsio import atomic_write_bytes
+    from etappe.state import unwrap
+
+    state = {k: v.detach().cpu().contiguous() for k, v in unwrap(model).state_dict().items()}
+    seen: dict[int, str] = {}
+    unique = {}
+    for k, v in state.items():  # tied weights: safetensors stores each storage once
+        if v.data_ptr() in seen and v.numel():
+            continue
+        seen[v.data_ptr()] = k
+        unique[k] = v
+    atomic_write_bytes(path, st_save(unique))
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from etappe.build import make_loss
+    from etappe.data import load_dataset
+    from etappe.export import load_model
+    from etappe.loop import evaluate
+
+    model, config = load_model(args.path, which=args.checkpoint)
+    data_name = args.data or config.get("data")
+    if not data_name:
+        raise UsageError(f"{args.path} does not record its data set; pass --data NAME")
+    data = load_dataset(data_name, data_dir=args.data_dir or config.get("data_dir"), seed=config.get("seed", 0))
+    loss_fn = make_loss(config.get("loss", "auto"), data)
+    result = evaluate(model, data.test, loss_fn, device=args.device)
+    if args.json:
+        import json
+
+        print(json.dumps(result))
+    else:
+        acc = f" | accuracy {100 * result['accuracy']:.2f}%" if "accuracy" in result else ""
+        print(f"{data_name} test: loss {result['loss']:.4f}{acc} ({result['samples']} samples)")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from etappe.log import read_history
+    from etappe.plots import plot_history
+
+    rows = read_history(Path(args.run))
+    if not rows:
+        raise EtappeError(f"{args.run}/metrics.jsonl holds no epochs yet; nothing to plot")
+    out = plot_history(rows, Path(args.out) if args.out else Path(args.run) / "curves.png")
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from etappe.checkpoint import format_inspection, inspect
+
+    info = inspect(args.path, trusted=args.trust)
+    if args.json:
+        import json
+
+        print(json.dumps(info, indent=2, default=str))
+    else:
+        print(format_inspection(info))
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from etappe.checkpoint import verify_tree
+
+    results = verify_tree(args.path)
+    if not results:
+        raise EtappeError(f"{args.path}: no checkpoint found (expected a checkpoint folder or a run folder)")
+    bad = 0
+    for path, error in results:
+        if error is None:
+            print(f"ok    {path}")
+        else:
+            bad += 1
+            print(f"FAIL  {error}")
+    print(f"{len(results) - bad} of {len(results)} checkpoints verify")
+    return 1 if bad else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="etappe", description="Train, evaluate, checkpoint, resume and export "
+                                     "PyTorch models. With no command, trains the CNN on the embedded digits set.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    train = sub.add_parser("train", help="train a model (resumes an existing --run-dir)")
+    train.add_argument("--config", metavar="FILE.toml", help="TOML file with the same keys as the flags")
+    train.add_argument("--allow-config-change", action="store_true", help="resume even if the run-defining config changed")
+    _add_config_flags(train)
+    train.set_defaults(handler=cmd_train)
+
+    resume = sub.add_parser("resume", help="resume a run folder from its newest valid checkpoint")
+    resume.add_argument("run", metavar="RUN")
+    resume.add_argument("--config", metavar="FILE.toml", help=argparse.SUPPRESS)
+    resume.add_argument("--allow-config-change", action="store_true", help="resume even if the run-defining config changed")
+    _add_config_flags(resume)
+    resume.set_defaults(handler=cmd_resume)
+
+    ev = sub.add_parser("eval", help="evaluate a run, checkpoint or weights file on a data set's test split")
+    ev.add_argument("path", metavar="RUN_OR_FILE")
+    ev.add_argument("--data", help="data set (default: the one the run was trained on)")
+    ev.add_argument("--data-dir")
+    ev.add_argument("--checkpoint", choices=("best", "latest"), default="best", help="which checkpoint of a run")
+    ev.add_argument("--device", default="auto")
+    ev.add_argument("--json", action="store_true", help="print JSON")
+    ev.set_defaults(handler=cmd_eval)
+
+    plot = sub.add_parser("plot", help="redraw a run's loss and accuracy curves")
+    plot.add_argument("run", metavar="RUN")
+    plot.add_argument("--out", help="image file (default RUN/curves.png)")
+    plot.set_defaults(handler=cmd_plot)
+
+    ins = sub.add_parser("inspect", help="list a checkpoint's or torch.save file's tensors, optimizer and counters")
+    ins.add_argument("path", metavar="PATH")
+    ins.add_argument("--json", action="store_true", help="print JSON")
+    ins.add_argument("--trust", action="store_true", help="allow full unpickling (runs code from the file!)")
+    ins.set_defaults(handler=cmd_inspect)
+
+    ver = sub.add_parser("verify", help="check sizes and checksums of a checkpoint or every checkpoint of a run")
+    ver.add_argument("path", metavar="PATH")
+    ver.set_defaults(handler=cmd_verify)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
+        argv = ["train", *argv]
+    args = parser.parse_args(argv)
+    if not hasattr(args, "handler"):
+        parser.print_help()
+        return 2
+    try:
+        return args.handler(args)
+    except EtappeError as exc:
+        print(f"etappe: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("etappe: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""The batch order of an epoch, recomputed from (seed, epoch), and the position inside it.
+
+Nothing about the order is stored: a checkpoint holds the seed, the epoch and
+the number of batches already consumed, and the rest follows. With several
+ranks, each takes a disjoint slice of every global batch, so the position is
+the same number on every rank. The position itself is counted by the loop,
+which knows what was consumed (a DataLoader's workers read ahead).
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+
+class ResumableBatches:
+    """Index batches for one epoch at a time, resumable at any batch.
+
+    ``batch_size`` is the per-rank batch size; a global batch holds
+    ``batch_size * world_size`` samples.
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        batch_size: int,
+        *,
+        seed: int = 0,
+        shuffle: bool = True,
+        drop_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
+        self.shuffle, self.drop_last, self.rank, self.world_size = shuffle, drop_last, rank, world_size
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.batch_size * self.world_size
+
+    def __len__(self) -> int:
+        """Batches in one epoch (per rank; the same on every rank)."""
+        full, rest = divmod(self.num_samples, self.global_batch_size)
+        return full if self.drop_last or rest == 0 else full + 1
+
+    def order(self, epoch: int) -> torch.Tensor:
+        if not self.shuffle:
+            return torch.arange(self.num_samples)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.num_samples, generator=g)
+
+    def batches(self, epoch: int, start: int = 0) -> Iterator[torch.Tensor]:
+        """This rank's index batches of ``epoch``, beginning at batch ``start`` (skipped batches are never read)."""
+        order = self.order(epoch)
+        gbs = self.global_batch_size
+        for b in range(start, len(self)):
+            global_batch = order[b * gbs : (b + 1) * gbs]
+            yield torch.tensor_split(global_batch, self.world_size)[self.rank]
+
+
+class EpochBatchSampler(torch.utils.data.Sampler):
+    """A batch sampler for ``torch.utils.data.DataLoader`` over a user's map-style Dataset: the batches of
+    one epoch from a start position, as ``ResumableBatches.batches`` gives them."""
+
+    def __init__(self, batches: ResumableBatches, epoch: int, start: int) -> None:
+        self.source, self.epoch, self.start = batches, epoch, start
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for idx in self.source.batches(self.epoch, self.start):
+            yield idx.tolist()
+
+    def __len__(self) -> int:
+        return len(self.source) - self.start

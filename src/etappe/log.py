@@ -1,0 +1,128 @@
+"""What a run shows and writes: the progress bar, the epoch summary line, the metrics files."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from etappe.errors import EtappeError
+
+
+def info(message: str) -> None:
+    print(message, flush=True)
+
+
+def warn(message: str) -> None:
+    print(f"etappe: warning: {message}", file=sys.stderr, flush=True)
+
+
+def epoch_line(row: dict, epochs: int) -> str:
+    """``Epoch 3/10 | train loss 0.2103 | val loss 0.1932 | val acc 94.1% | 2.1 s``"""
+    parts = [f"Epoch {row['epoch']}/{epochs}", f"train loss {row['train_loss']:.4f}"]
+    if "val_loss" in row:
+        parts.append(f"val loss {row['val_loss']:.4f}")
+    if "val_accuracy" in row:
+        parts.append(f"val acc {100 * row['val_accuracy']:.1f}%")
+    parts.append(f"{row['seconds']:.1f} s")
+    return " | ".join(parts)
+
+
+class ProgressBar:
+    """A tqdm bar over the batches of one epoch (batches, loss, samples/s), or nothing when not shown."""
+
+    def __init__(self, total: int, initial: int, epoch: int, epochs: int, show: bool) -> None:
+        self.bar = None
+        if show and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc=f"Epoch {epoch + 1}/{epochs}", leave=False,
+                            unit="batch", dynamic_ncols=True, mininterval=0.2)
+        self.last_postfix = 0.0
+
+    def update(self, progress: Any, world_size: int) -> None:
+        if self.bar is None:
+            return
+        self.bar.update(1)
+        now = time.monotonic()
+        if now - self.last_postfix > 0.5:
+            self.last_postfix = now
+            loss = progress.loss_sum_in_epoch / max(progress.samples_in_epoch, 1)
+            rate = progress.samples_in_epoch * world_size / max(progress.seconds_in_epoch, 1e-9)
+            self.bar.set_postfix_str(f"loss {loss:.4f}, {rate:,.0f} samples/s", refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def progress_bar(total: int, initial: int, epoch: int, epochs: int, show: bool) -> ProgressBar:
+    return ProgressBar(total, initial, epoch, epochs, show)
+
+
+def ensure_writable(run_dir: Path) -> None:
+    """Fail before any training when the run folder cannot be created or written."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise EtappeError(
+            f"cannot write to the run folder {run_dir}: {exc.strerror or exc}; choose another with --run-dir"
+        ) from None
+
+
+def write_history(run_dir: Path, history: Any) -> None:
+    """metrics.jsonl (one JSON object per epoch) and metrics.csv, rewritten whole from the history."""
+    rows = list(history.epochs)
+    lines = "".join(json.dumps(row) + "\n" for row in rows)
+    _write_text(run_dir / "metrics.jsonl", lines)
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    _write_text(run_dir / "metrics.csv", buf.getvalue())
+
+
+def read_history(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise EtappeError(f"{path} does not exist; expected a run folder written by etappe train")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _write_text(path: Path, text: str) -> None:
+    from etappe.checkpoint.fsio import atomic_write_bytes
+
+    atomic_write_bytes(path, text.encode())
+
+
+def plot_curves(run_dir: Path, history: Any) -> Path:
+    from etappe.plots import plot_history
+
+    return plot_history(list(history.epochs), Path(run_dir) / "curves.png")
+
+
+def tensorboard_writer(run_dir: Path | None, start_epoch: int) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise EtappeError("--tensorboard needs the tensorboard package: pip install 'etappe[tensorboard]'") from None
+    return SummaryWriter(log_dir=str(Path(run_dir or "runs") / "tensorboard"), purge_step=start_epoch + 1)
+
+
+def tensorboard_row(writer: Any, row: dict) -> None:
+    for key, value in row.items():
+        if key != "epoch" and isinstance(value, (int, float)):
+            writer.add_scalar(key, value, row["epoch"])
+    writer.flush()

@@ -1,0 +1,556 @@
+"""The training and test loops. The order of work in a training step lives here and only here.
+
+    for epoch in range(start_epoch, epochs):
+        model.train()
+        for batch in this epoch's batches, from the resume position:
+            forward, loss, zero_grad, backward, clip, optimizer.step()   (or the user's step_fn)
+            scheduler.step() if stepped per batch
+            count the step; save if a step or time cadence is due, or if preempted (then stop)
+        model.eval(); with torch.inference_mode(): evaluate on validation data
+        scheduler.step() if stepped per epoch
+        append the epoch to the history, write metrics, print the summary line
+        save (end of every epoch); stop early if the monitored metric stopped improving
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import sys
+import time
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import torch
+from torch import nn
+
+from etappe import distributed, log
+from etappe.config import config_differences
+from etappe.data.sampler import EpochBatchSampler, ResumableBatches
+from etappe.data.sets import TensorData
+from etappe.errors import EtappeError, TrainingError, UsageError
+from etappe.state import History, Progress, RNGState, unwrap
+
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: the run stopped cleanly and can be resumed
+
+
+class Preempted(EtappeError):
+    """SIGTERM or SIGINT arrived; a checkpoint of the current step was written."""
+
+    exit_code = PREEMPTED_EXIT_CODE
+
+
+StepFn = Callable[[Any], "torch.Tensor | Mapping[str, torch.Tensor | float]"]
+
+
+def pick_device(device: str | torch.device | None = None) -> torch.device:
+    """``auto``/None: CUDA when present, else CPU; otherwise the device named."""
+    if device is None or device == "auto":
+        return torch.device("cuda", distributed.local_rank()) if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        chosen = torch.device(device)
+    except RuntimeError:
+        raise UsageError(f"unknown device {device!r}; expected auto, cpu, cuda or cuda:N") from None
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"device {device!r} was asked for but CUDA is not available here; use --device cpu")
+    return chosen
+
+
+def set_deterministic(device: torch.device, deterministic: bool | None) -> bool:
+    """Turn on torch's deterministic algorithms (default: on for CPU, off for CUDA). Returns the setting."""
+    if deterministic is None:
+        deterministic = device.type == "cpu"
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+    torch.use_deterministic_algorithms(deterministic, warn_only=device.type == "cuda")
+    return deterministic
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    if torch.is_tensor(batch):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(b, device) for b in batch)
+    if isinstance(batch, Mapping):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+def is_classification(output: torch.Tensor, target: torch.Tensor) -> bool:
+    return output.ndim == 2 and output.shape[1] > 1 and not target.is_floating_point()
+
+
+def evaluate(
+    model: nn.Module,
+    data: Any,
+    loss_fn: Callable | None = None,
+    *,
+    batch_size: int = 512,
+    device: str | torch.device | None = None,
+) -> dict[str, float]:
+    """Average loss (weighted by samples) and, for classification, accuracy of ``model`` on ``data``.
+
+    ``data`` is a TensorData, any map-style Dataset of (input, target) pairs, or a DataLoader. The model is put
+    in eval mode under ``torch.inference_mode()`` and returned to the mode it was in.
+    """
+    device = pick_device(device) if device is not None else next(model.parameters(), torch.empty(0)).device
+    was_training = model.training
+    model.eval()
+    loss_sum, correct, count = 0.0, 0, 0
+    classification = False
+    try:
+        with torch.inference_mode():
+            for x, y in _eval_batches(data, batch_size):
+                x, y = to_device(x, device), to_device(y, device)
+                out = model(x)
+                n = len(y)
+                if loss_fn is not None:
+                    loss_sum += float(loss_fn(out, y)) * n
+                if is_classification(out, y):
+                    classification = True
+                    correct += int((out.argmax(1) == y).sum())
+                count += n
+    finally:
+        model.train(was_training)
+    result = {"samples": count}
+    if loss_fn is not None:
+        result["loss"] = loss_sum / max(count, 1)
+    if classification:
+        result["accuracy"] = correct / max(count, 1)
+    return result
+
+
+def _eval_batches(data: Any, batch_size: int) -> Iterator:
+    if isinstance(data, TensorData):
+        for start in range(0, len(data), batch_size):
+            yield data.batch(torch.arange(start, min(start + batch_size, len(data))))
+    elif isinstance(data, torch.utils.data.DataLoader):
+        yield from data
+    else:
+        yield from torch.utils.data.DataLoader(data, batch_size=batch_size)
+
+
+def check_shapes(model: nn.Module, data: TensorData, num_outputs: int | None) -> None:
+    """Run two samples through ``model`` in eval mode and say plainly when the shapes do not fit the data."""
+    x, _ = data.batch(torch.arange(min(2, len(data))))
+    x = x.to(next(model.parameters(), torch.empty(0)).device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            out = model(x)
+    except (RuntimeError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise UsageError(
+            f"the model does not accept the data's input shape {tuple(x.shape[1:])} (one sample): {first}"
+        ) from None
+    finally:
+        model.train(was_training)
+    if num_outputs is not None and tuple(out.shape[1:]) not in ((num_outputs,),):
+        raise UsageError(
+            f"the model's output shape {tuple(out.shape[1:])} (one sample) does not fit the data, "
+            f"which needs ({num_outputs},)"
+        )
+
+
+@contextmanager
+def preemption_guard() -> Iterator[dict]:
+    """While training, SIGTERM and the first Ctrl-C only set a flag (the loop saves and stops at the end of the
+    step); a second Ctrl-C stops at once. Outside the main thread nothing is installed."""
+    flag = {"signal": None}
+    if sys.platform == "win32" or not _in_main_thread():
+        yield flag
+        return
+
+    def handler(signum: int, _frame: Any) -> None:
+        if flag["signal"] is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        flag["signal"] = signal.Signals(signum).name
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield flag
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+class Trainer:
+    """Runs the seeds' loop for one model and loss, or the user's ``step_fn`` for anything else (a GAN).
+
+    Given a ``run_dir`` it saves checkpoints there and, when the folder already holds some, resumes from the
+    newest valid one, exactly where it stopped.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        loss_fn: Callable | None = None,
+        *,
+        train_data: Any,
+        val_data: Any = None,
+        batch_size: int = 32,
+        scheduler: Any = None,
+        scheduler_interval: str = "epoch",
+        step_fn: StepFn | None = None,
+        models: Mapping[str, nn.Module] | None = None,
+        optimizers: Mapping[str, torch.optim.Optimizer] | None = None,
+        schedulers: Mapping[str, Any] | None = None,
+        device: str | torch.device | None = None,
+        clip_grad_norm: float | None = None,
+        seed: int = 0,
+        shuffle: bool = True,
+        num_workers: int = 0,
+        run_dir: str | Path | None = None,
+        save_every: int | None = None,
+        save_every_seconds: float | None = None,
+        keep_last: int = 2,
+        keep_best: int = 1,
+        monitor: str = "val_loss",
+        patience: int | None = None,
+        config: Mapping[str, Any] | None = None,
+        allow_config_change: bool = False,
+        num_outputs: int | None = None,
+        deterministic: bool | None = None,
+        progress: bool = True,
+        quiet: bool = False,
+        tensorboard: bool = False,
+        metrics_fn: Callable[["Trainer"], Mapping[str, float]] | None = None,
+    ) -> None:
+        if model is None and not models:
+            raise UsageError("Trainer needs a model (or models={name: module, ...} with a step_fn)")
+        if step_fn is None and (model is None or optimizer is None or loss_fn is None):
+            raise UsageError("Trainer needs model, optimizer and loss_fn, or a step_fn that does the step")
+        if scheduler_interval not in ("epoch", "step"):
+            raise UsageError(f"scheduler_interval must be 'epoch' or 'step', got {scheduler_interval!r}")
+        self.device = pick_device(device)
+        self.deterministic = set_deterministic(self.device, deterministic)
+        distributed.init_from_env(self.device)
+        self.rank, self.world_size = distributed.rank(), distributed.world_size()
+
+        self.models: dict[str, nn.Module] = dict(models) if models else {"model": model}
+        for m in self.models.values():
+            m.to(self.device)
+        self.model = model if model is not None else next(iter(self.models.values()))
+        if self.world_size > 1 and step_fn is None:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        self.optimizers: dict[str, Any] = dict(optimizers) if optimizers else ({"optimizer": optimizer} if optimizer else {})
+        self.schedulers: dict[str, Any] = dict(schedulers) if schedulers else ({"scheduler": scheduler} if scheduler else {})
+        self.optimizer, self.loss_fn, self.step_fn = optimizer, loss_fn, step_fn
+        self.scheduler_interval, self.clip_grad_norm = scheduler_interval, clip_grad_norm
+
+        self.train_data, self.val_data = train_data, val_data
+        self.num_workers, self.seed = num_workers, seed
+        self.batches = self._make_batches(train_data, batch_size, seed, shuffle)
+        if isinstance(train_data, TensorData) and step_fn is None:
+            self.train_data = train_data.to(self.device) if self.device.type == "cuda" else train_data
+            check_shapes(unwrap(self.model), train_data, num_outputs)
+
+        self.progress, self.history, self.rng = Progress(), History(), RNGState()
+        self.config = dict(config) if config else {}
+        self.allow_config_change = allow_config_change
+        self.save_every, self.save_every_seconds = save_every, save_every_seconds
+        self.monitor, self.patience = monitor, patience
+        self.metrics_fn = metrics_fn
+        self.main = distributed.is_main()
+        self.show_progress = progress and not quiet and self.main
+        self.quiet = quiet or not self.main
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.store = None
+        if self.run_dir is not None:
+            log.ensure_writable(self.run_dir)
+            from etappe.checkpoint import CheckpointStore
+
+            self.store = CheckpointStore(
+                self.run_dir / "checkpoints", keep_last=keep_last, keep_best=keep_best, monitor=monitor,
+                mode="max" if "acc" in monitor else "min",
+            )
+        self.tensorboard = tensorboard
+        self.resumed_from: Path | None = None
+
+    # ------------------------------------------------------------ data
+
+    def _make_batches(self, data: Any, batch_size: int, seed: int, shuffle: bool) -> ResumableBatches:
+        if isinstance(data, torch.utils.data.DataLoader):
+            # A DataLoader's own sampler cannot start mid-epoch; keep its dataset, batch size and collate.
+            loader = data
+            if isinstance(loader.dataset, torch.utils.data.IterableDataset):
+                raise UsageError("an IterableDataset cannot be resumed exactly; give a map-style Dataset")
+            shuffle = isinstance(loader.sampler, torch.utils.data.RandomSampler)
+            batch_size = loader.batch_size or batch_size
+            self.train_data = loader.dataset
+            self._collate = loader.collate_fn
+            self.num_workers = loader.num_workers
+            warnings.warn(
+                "etappe replaces the DataLoader's sampler with its resumable one (same dataset, batch size, "
+                "collate_fn, workers; shuffled if the loader was) so a run can resume mid-epoch exactly",
+                stacklevel=3,
+            )
+        else:
+            self._collate = torch.utils.data.default_collate
+        return ResumableBatches(
+            len(self.train_data), batch_size, seed=seed, shuffle=shuffle, rank=distributed.rank(),
+            world_size=distributed.world_size(),
+        )
+
+    def _epoch_batches(self, epoch: int, start: int) -> Iterator[Any]:
+        if isinstance(self.train_data, TensorData) and self.num_workers == 0:
+            for idx in self.batches.batches(epoch, start):
+                yield self.train_data.batch(idx.to(self.train_data.x.device))
+            return
+        loader = torch.utils.data.DataLoader(
+            _SeededBatches(self.train_data, self.seed, epoch),
+            batch_sampler=_NumberedBatchSampler(EpochBatchSampler(self.batches, epoch, start), start),
+            collate_fn=self._collate,
+            num_workers=self.num_workers,
+            pin_memory=self.device.type == "cuda",
+        )
+        for batch in loader:
+            yield to_device(batch, self.device)
+
+    # ------------------------------------------------------------ state
+
+    def state_objects(self) -> dict[str, Any]:
+        """Everything a checkpoint holds, by name. RNG last: captured after the rest, restored last."""
+        objects: dict[str, Any] = {}
+        for name, m in self.models.items():
+            objects[name] = unwrap(m)
+        objects.update(self.optimizers)
+        objects.update(self.schedulers)
+        objects["progress"] = self.progress
+        objects["history"] = self.history
+        objects["rng"] = self.rng
+        return objects
+
+    def save(self, metrics: Mapping[str, float] | None = None) -> Path | None:
+        if self.store is None:
+            return None
+        if self.world_size > 1:
+            distributed.barrier()
+        path = None
+        if self.main:
+            try:
+                path = self.store.save(self.progress.step, {**self.state_objects(), "config": self.config}, metrics)
+            except EtappeError as exc:
+                raise TrainingError(f"saving the checkpoint at step {self.progress.step} failed, training stops: {exc}") from None
+        if self.world_size > 1:
+            distributed.barrier()
+        return path
+
+    def resume(self, path: str | Path | None = None) -> Path | None:
+        """Restore the newest valid checkpoint of the run folder (or ``path``). Returns what was loaded."""
+        if self.store is None and path is None:
+            return None
+        if path is None:
+            path = self.store.latest()
+            if path is None:
+                return None
+        from etappe.checkpoint import load
+
+        saved = load(path, **self.state_objects())
+        saved_config = saved.get("config") or {}
+        differences = config_differences(saved_config, self.config) if saved_config and self.config else []
+        if differences and not self.allow_config_change:
+            raise UsageError(
+                f"{path} was made with a different config ({'; '.join(differences)}); resuming would make it a "
+                "different run. Use a new --run-dir, or --allow-config-change to continue anyway"
+            )
+        self.resumed_from = Path(path)
+        return self.resumed_from
+
+    # ------------------------------------------------------------ the loop
+
+    def fit(self, epochs: int) -> History:
+        """Train until ``epochs`` epochs are done in all (a resumed run continues; a finished one is extended)."""
+        self.resume()
+        if self.resumed_from is not None and not self.quiet:
+            p = self.progress
+            log.info(f"Resuming {self.run_dir} from step {p.step} (epoch {p.epoch + 1}, batch {p.batches_done_in_epoch})")
+        writer = log.tensorboard_writer(self.run_dir, self.progress.epoch) if self.tensorboard and self.main else None
+        p = self.progress
+        last_save_time = time.monotonic()
+        with preemption_guard() as preempt:
+            while p.epoch < epochs:
+                for m in self.models.values():
+                    m.train()
+                bar = log.progress_bar(len(self.batches), p.batches_done_in_epoch, p.epoch, epochs, self.show_progress)
+                epoch_start = time.perf_counter() - p.seconds_in_epoch
+                for batch in self._epoch_batches(p.epoch, p.batches_done_in_epoch):
+                    n, losses = self._train_step(batch)
+                    p.step += 1
+                    p.batches_done_in_epoch += 1
+                    p.samples_in_epoch += n
+                    p.loss_sum_in_epoch += losses.pop("loss") * n
+                    for k, v in losses.items():
+                        p.extra_sums_in_epoch[k] = p.extra_sums_in_epoch.get(k, 0.0) + v * n
+                    p.seconds_in_epoch = time.perf_counter() - epoch_start
+                    bar.update(p, self.world_size)
+                    if preempt["signal"] is not None:
+                        bar.close()
+                        path = self.save()
+                        raise Preempted(
+                            f"{preempt['signal']} received: saved step {p.step} to {path}; "
+                            f"resume with: etappe resume {self.run_dir}"
+                        )
+                    if (self.save_every and p.step % self.save_every == 0) or (
+                        self.save_every_seconds and time.monotonic() - last_save_time >= self.save_every_seconds
+                    ):
+                        self.save()
+                        last_save_time = time.monotonic()
+                bar.close()
+                row = self._end_epoch(epochs)
+                if writer is not None:
+                    log.tensorboard_row(writer, row)
+                self.save({k: v for k, v in row.items() if isinstance(v, (int, float))})
+                last_save_time = time.monotonic()
+                if self._should_stop_early(row):
+                    if not self.quiet:
+                        log.info(f"Stopping early: {self.monitor} has not improved for {self.patience} epochs")
+                    break
+        if writer is not None:
+            writer.close()
+        if self.run_dir is not None and self.main:
+            log.write_history(self.run_dir, self.history)
+            log.plot_curves(self.run_dir, self.history)
+        return self.history
+
+    def _train_step(self, batch: Any) -> tuple[int, dict[str, float]]:
+        """One optimizer step. Returns the batch's sample count and its losses as floats."""
+        if self.step_fn is not None:
+            result = self.step_fn(batch)
+            losses = {"loss": result} if not isinstance(result, Mapping) else dict(result)
+            values = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in losses.items()}
+            values.setdefault("loss", next(iter(values.values()), 0.0))
+        else:
+            x, y = batch
+            loss = self.loss_fn(self.model(x), y)
+            value = loss.item()
+            if not math.isfinite(value):
+                raise self._non_finite(value)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.clip_grad_norm is not None:
+                nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad_norm)
+            self.optimizer.step()
+            values = {"loss": value}
+        if not all(math.isfinite(v) for v in values.values()):
+            raise self._non_finite(values["loss"])
+        if self.scheduler_interval == "step":
+            for s in self.schedulers.values():
+                s.step()
+        return _batch_len(batch), values
+
+    def _non_finite(self, value: float) -> TrainingError:
+        p = self.progress
+        return TrainingError(
+            f"the loss became {value} at epoch {p.epoch + 1}, step {p.step + 1}; training stopped and nothing "
+            "from this step on was saved (try a lower --lr or --clip-grad-norm)"
+        )
+
+    def _end_epoch(self, epochs: int) -> dict[str, Any]:
+        p = self.progress
+        totals = distributed.all_reduce_sum([p.loss_sum_in_epoch, float(p.samples_in_epoch)])
+        samples = totals[1]
+        row: dict[str, Any] = {"epoch": p.epoch + 1, "step": p.step, "train_loss": totals[0] / max(samples, 1)}
+        for k, v in sorted(p.extra_sums_in_epoch.items()):
+            row[f"train_{k}"] = v / max(p.samples_in_epoch, 1)
+        if self.val_data is not None and self.loss_fn is not None:
+            result = evaluate(unwrap(self.model), self.val_data, self.loss_fn)
+            row["val_loss"] = result["loss"]
+            if "accuracy" in result:
+                row["val_accuracy"] = result["accuracy"]
+        if self.metrics_fn is not None:
+            row.update(self.metrics_fn(self))
+        if self.optimizers:
+            row["lr"] = next(iter(self.optimizers.values())).param_groups[0]["lr"]
+        if self.scheduler_interval == "epoch":
+            for s in self.schedulers.values():
+                s.step()
+        row["seconds"] = p.seconds_in_epoch
+        row["samples_per_s"] = samples / p.seconds_in_epoch if p.seconds_in_epoch > 0 else 0.0
+        self.history.append(row)
+        if self.run_dir is not None and self.main:
+            log.write_history(self.run_dir, self.history)
+        if not self.quiet:
+            log.info(log.epoch_line(row, epochs))
+        p.epoch += 1
+        p.start_epoch()
+        return row
+
+    def _should_stop_early(self, row: Mapping[str, Any]) -> bool:
+        p = self.progress
+        value = row.get(self.monitor)
+        if value is None:
+            return False
+        better = (lambda a, b: a > b) if "acc" in self.monitor else (lambda a, b: a < b)
+        if p.best_metric is None or better(value, p.best_metric):
+            p.best_metric, p.epochs_without_improvement = value, 0
+        else:
+            p.epochs_without_improvement += 1
+        return self.patience is not None and p.epochs_without_improvement >= self.patience
+
+
+def _batch_len(batch: Any) -> int:
+    """Samples in a batch: the length of its first tensor ((x, y) pairs, dicts, or a bare tensor)."""
+    first = batch
+    while isinstance(first, (list, tuple)) and first:
+        first = first[0]
+    if isinstance(first, Mapping):
+        first = next(iter(first.values()))
+    return len(first) if hasattr(first, "__len__") else 1
+
+
+class _NumberedBatchSampler(torch.utils.data.Sampler):
+    """Tags each batch's indices with the batch's number in the epoch, so the batch's random state can be
+    seeded from (seed, epoch, batch) whichever worker fetches it."""
+
+    def __init__(self, sampler: EpochBatchSampler, start: int) -> None:
+        self.sampler, self.start = sampler, start
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for number, indices in enumerate(self.sampler, start=self.start):
+            yield [(number, i) for i in indices]
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+class _SeededBatches(torch.utils.data.Dataset):
+    """A user's map-style Dataset, fetched a batch at a time. In a worker process, the random generators are
+    seeded from (seed, epoch, batch number) before a batch is read, so random augmentation is the same
+    whichever worker reads it and wherever the epoch was resumed. In the main process (no workers) the run's
+    own generators are used; they are saved in every checkpoint."""
+
+    def __init__(self, dataset: Any, seed: int, epoch: int) -> None:
+        self.dataset, self.seed, self.epoch = dataset, seed, epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitems__(self, items: list[tuple[int, int]]) -> list[Any]:
+        if items and torch.utils.data.get_worker_info() is not None:
+            from etappe.state import seed_everything
+
+            seed_everything((self.seed * 1_000_003 + self.epoch) * 1_000_003 + items[0][0])
+        return [self.dataset[i] for _, i in items]
+
+    def __getitem__(self, item: tuple[int, int]) -> Any:
+        return self.dataset[item[1]]
+
+
+def fit(model: nn.Module, train_data: Any, *, epochs: int, **kwargs: Any) -> History:
+    """Train ``model`` on ``train_data`` for ``epochs`` epochs; keyword arguments as for ``Trainer``."""
+    return Trainer(model, train_data=train_data, **kwargs).fit(epochs)

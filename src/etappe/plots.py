@@ -1,0 +1,39 @@
+"""The seeds' figure: train and validation loss per epoch, and accuracy when there is one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def plot_history(rows: list[dict], out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in rows]
+    has_acc = any("val_accuracy" in r for r in rows)
+    fig, axes = plt.subplots(1, 2 if has_acc else 1, figsize=(10 if has_acc else 5.5, 4), squeeze=False)
+    ax = axes[0][0]
+    ax.plot(epochs, [r["train_loss"] for r in rows], marker="o", label="train loss")
+    if any("val_loss" in r for r in rows):
+        ax.plot(epochs, [r.get("val_loss") for r in rows], marker="o", label="validation loss")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    ax.set_title("Loss curves")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    if has_acc:
+        ax = axes[0][1]
+        ax.plot(epochs, [100 * r["val_accuracy"] if "val_accuracy" in r else None for r in rows], marker="o",
+                color="tab:green", label="validation accuracy")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("accuracy (%)")
+        ax.set_title("Accuracy")
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out

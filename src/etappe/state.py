@@ -1,0 +1,122 @@
+"""What resumes speaks one protocol: ``state_dict()`` / ``load_state_dict()``.
+
+Here live the small stateful pieces the loop owns (its counters, the metric
+history, the random generators) and ``unwrap`` for wrapped modules.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass, field, fields
+
+import numpy as np
+import torch
+from torch import nn
+
+
+@dataclass
+class Progress:
+    """Where a run is. ``step`` counts optimizer steps over the whole run; the epoch sums hold the
+    running totals of the epoch in progress so a mid-epoch resume reports the same epoch loss."""
+
+    epoch: int = 0
+    step: int = 0
+    batches_done_in_epoch: int = 0
+    samples_in_epoch: int = 0
+    loss_sum_in_epoch: float = 0.0
+    extra_sums_in_epoch: dict[str, float] = field(default_factory=dict)
+    seconds_in_epoch: float = 0.0
+    best_metric: float | None = None
+    epochs_without_improvement: int = 0
+    finished: bool = False
+
+    def start_epoch(self) -> None:
+        self.batches_done_in_epoch = self.samples_in_epoch = 0
+        self.loss_sum_in_epoch = self.seconds_in_epoch = 0.0
+        self.extra_sums_in_epoch = {}
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        for f in fields(self):
+            if f.name in state:
+                setattr(self, f.name, state[f.name])
+
+
+class History:
+    """One dict per finished epoch (train_loss, val_loss, val_accuracy, lr, seconds, samples_per_s, ...)."""
+
+    def __init__(self) -> None:
+        self.epochs: list[dict] = []
+
+    def append(self, row: dict) -> None:
+        self.epochs.append(row)
+
+    def __len__(self) -> int:
+        return len(self.epochs)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.epochs[i]
+
+    def column(self, key: str) -> list:
+        return [row.get(key) for row in self.epochs]
+
+    def state_dict(self) -> dict:
+        return {"epochs": [dict(row) for row in self.epochs]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epochs = [dict(row) for row in state["epochs"]]
+
+
+class RNGState:
+    """Every random generator a run draws from: Python's, NumPy's global one, torch's CPU one and each CUDA
+    device's. ``state_dict`` captures them now; ``load_state_dict`` puts them back."""
+
+    def state_dict(self) -> dict:
+        version, internal, gauss = random.getstate()
+        np_state = np.random.get_state()
+        state = {
+            "python": {"version": version, "internal": list(internal), "gauss": gauss},
+            "numpy": {
+                "kind": np_state[0],
+                "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+                "pos": int(np_state[2]),
+                "has_gauss": int(np_state[3]),
+                "cached_gaussian": float(np_state[4]),
+            },
+            "torch": torch.get_rng_state(),
+        }
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        py = state["python"]
+        random.setstate((py["version"], tuple(py["internal"]), py["gauss"]))
+        npd = state["numpy"]
+        keys = np.asarray(npd["keys"].numpy() if torch.is_tensor(npd["keys"]) else npd["keys"]).astype(np.uint32)
+        np.random.set_state((npd["kind"], keys, npd["pos"], npd["has_gauss"], npd["cached_gaussian"]))
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available():
+            cuda_states = list(state["cuda"])[: torch.cuda.device_count()]
+            torch.cuda.set_rng_state_all(cuda_states)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices) from one number."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module under DistributedDataParallel / DataParallel / torch.compile wrappers, so saved names carry
+    no ``module.`` or ``_orig_mod.`` prefix."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model

@@ -1,0 +1,155 @@
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import etappe
+from etappe.data import TensorData, load_dataset
+from etappe.errors import EtappeError, TrainingError, UsageError
+from etappe.loop import Trainer, evaluate
+
+
+def small_classification(n=40, features=4, classes=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, features, generator=g)
+    return TensorData(x, x[:, :classes].argmax(1))
+
+
+class ModeRecorder(nn.Module):
+    """Records, for every forward pass, whether it ran in training mode and with grad enabled."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 3)
+        self.calls = []
+
+    def forward(self, x):
+        self.calls.append((self.training, torch.is_grad_enabled(), torch.is_inference_mode_enabled()))
+        return self.linear(x)
+
+
+def test_evaluate_weights_the_loss_by_samples():
+    data = small_classification(n=5)
+    model = nn.Linear(4, 3)
+    result = evaluate(model, data, nn.CrossEntropyLoss(), batch_size=2)  # batches of 2, 2, 1
+    full = nn.CrossEntropyLoss()(model(data.x), data.y).item()
+    assert result["loss"] == pytest.approx(full, rel=1e-6)
+    assert result["accuracy"] == pytest.approx((model(data.x).argmax(1) == data.y).float().mean().item())
+    assert result["samples"] == 5
+
+
+def test_evaluate_uses_eval_and_inference_mode_and_restores_the_mode():
+    model = ModeRecorder()
+    model.train()
+    evaluate(model, small_classification(), nn.CrossEntropyLoss())
+    assert model.calls and all(c == (False, False, True) for c in model.calls)
+    assert model.training
+
+
+def test_evaluate_accepts_a_dataloader_and_a_plain_dataset():
+    data = small_classification()
+    model = nn.Linear(4, 3)
+    a = evaluate(model, data, nn.CrossEntropyLoss())
+    b = evaluate(model, torch.utils.data.DataLoader(data, batch_size=7), nn.CrossEntropyLoss())
+    c = evaluate(model, torch.utils.data.TensorDataset(data.x, data.y), nn.CrossEntropyLoss())
+    assert a["loss"] == pytest.approx(b["loss"]) == pytest.approx(c["loss"])
+
+
+def test_trainer_trains_in_train_mode_and_validates_in_eval_mode():
+    model = ModeRecorder()
+    data = small_classification()
+    Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), nn.CrossEntropyLoss(), train_data=data, val_data=data,
+            batch_size=8, progress=False, quiet=True).fit(2)
+    training = [c for c in model.calls if c[0]]
+    evaluating = [c for c in model.calls if not c[0]]
+    assert len(training) == 2 * 5 and all(c == (True, True, False) for c in training)
+    assert evaluating and all(c == (False, False, True) for c in evaluating)
+
+
+def test_fit_lowers_the_loss_and_records_history():
+    torch.manual_seed(0)
+    data = small_classification(n=200)
+    model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
+    history = etappe.fit(model, data, epochs=5, optimizer=torch.optim.Adam(model.parameters(), lr=1e-2),
+                         loss_fn=nn.CrossEntropyLoss(), val_data=data, batch_size=16, progress=False, quiet=True)
+    assert [r["epoch"] for r in history] == [1, 2, 3, 4, 5]
+    assert history[-1]["train_loss"] < history[0]["train_loss"] * 0.7
+    for key in ("train_loss", "val_loss", "val_accuracy", "lr", "seconds", "samples_per_s"):
+        assert key in history[-1]
+    assert history[-1]["samples_per_s"] > 0
+
+
+@pytest.mark.parametrize("interval,expected_lr", [("epoch", 0.1 * 0.5**3), ("step", 0.1 * 0.5**12)])
+def test_scheduler_steps_per_epoch_or_per_step(interval, expected_lr):
+    data = small_classification(n=16)
+    model = nn.Linear(4, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    Trainer(model, opt, nn.CrossEntropyLoss(), train_data=data, batch_size=4, scheduler=sched,
+            scheduler_interval=interval, progress=False, quiet=True).fit(3)
+    assert opt.param_groups[0]["lr"] == pytest.approx(expected_lr)
+
+
+def test_gradient_clipping_bounds_each_update():
+    data = TensorData(torch.full((8, 1), 100.0), torch.zeros(8, 1))
+    model = nn.Linear(1, 1)
+    before = model.weight.detach().clone()
+    Trainer(model, torch.optim.SGD(model.parameters(), lr=1.0), nn.MSELoss(), train_data=data, batch_size=8,
+            clip_grad_norm=0.01, progress=False, quiet=True).fit(1)
+    assert (model.weight.detach() - before).abs().item() <= 0.01 + 1e-6
+
+
+def test_custom_step_for_two_models_and_two_optimizers():
+    torch.manual_seed(0)
+    data = TensorData(torch.randn(64, 2), torch.zeros(64))
+    G, D = nn.Linear(3, 2), nn.Linear(2, 1)
+    opt_G, opt_D = torch.optim.SGD(G.parameters(), lr=0.01), torch.optim.SGD(D.parameters(), lr=0.01)
+    seen_modes = []
+
+    def step(batch):
+        x, _ = batch
+        seen_modes.append((G.training, D.training))
+        loss_D = D(x).mean() - D(G(torch.randn(len(x), 3)).detach()).mean()
+        opt_D.zero_grad(); loss_D.backward(); opt_D.step()
+        loss_G = -D(G(torch.randn(len(x), 3))).mean()
+        opt_G.zero_grad(); loss_G.backward(); opt_G.step()
+        return {"loss": loss_G, "loss_D": loss_D}
+
+    g_before = G.weight.detach().clone()
+    history = Trainer(models={"G": G, "D": D}, optimizers={"opt_G": opt_G, "opt_D": opt_D}, step_fn=step,
+                      train_data=data, batch_size=16, progress=False, quiet=True).fit(2)
+    assert len(seen_modes) == 8 and all(m == (True, True) for m in seen_modes)
+    assert "train_loss_D" in history[-1] and math.isfinite(history[-1]["train_loss"])
+    assert not torch.equal(G.weight, g_before)
+
+
+def test_non_finite_loss_stops_with_epoch_and_step():
+    data = TensorData(torch.ones(32, 1), torch.ones(32, 1))
+    model = nn.Linear(1, 1)
+    with torch.no_grad():
+        model.weight.fill_(1e30)
+    with pytest.raises(TrainingError, match=r"loss became inf at epoch 1, step 1"):
+        Trainer(model, torch.optim.SGD(model.parameters(), lr=1.0), nn.MSELoss(), train_data=data, batch_size=8,
+                progress=False, quiet=True).fit(1)
+
+
+def test_shape_mismatch_names_both_shapes():
+    data = load_dataset("digits")
+    with pytest.raises(UsageError, match=r"does not accept the data's input shape \(1, 8, 8\)"):
+        Trainer(nn.Linear(10, 10), torch.optim.SGD(nn.Linear(1, 1).parameters(), lr=0.1), nn.CrossEntropyLoss(),
+                train_data=data.train, num_outputs=10, progress=False, quiet=True)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 5))
+    with pytest.raises(UsageError, match=r"output shape \(5,\) .* needs \(10,\)"):
+        Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), nn.CrossEntropyLoss(), train_data=data.train,
+                num_outputs=10, progress=False, quiet=True)
+
+
+def test_unwritable_run_folder_fails_before_training(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    model = nn.Linear(4, 3)
+    with pytest.raises(EtappeError, match="cannot write to the run folder"):
+        Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), nn.CrossEntropyLoss(),
+                train_data=small_classification(), run_dir=blocker / "run", progress=False, quiet=True)
