@@ -1,12 +1,14 @@
 """The half of the parity check that must not see the model's class: load exported files in a fresh process,
 run them on saved inputs, save the outputs.
 
-    python _parity_worker.py JOBS.json
+    python _parity_worker.py FORBID_JSON FORMATS      then one line on stdin: the path of JOBS.json
 
-JOBS.json holds {"forbid": [module names], "result": path, "jobs": [{"format", "file", "inputs", "outputs"}]}.
-The forbidden modules (etappe and the modules that define the model's classes) cannot be imported here, so a file
-that needs them to load fails the check instead of passing because they happened to be importable. ONNX files
-run in onnxruntime, without torch. This file is run by path and imports nothing from etappe.
+FORBID_JSON lists modules (etappe and the modules that define the model's classes) that cannot be imported here,
+so a file that needs them to load fails the check instead of passing because they happened to be importable.
+The process starts while the parent is still writing the files: it imports what FORMATS need first (torch and
+torch.export's loader take seconds), then waits for JOBS.json: {"result": path, "jobs": [{"format", "file",
+"inputs", "outputs"}]}. End of input instead of a path means nothing to check. ONNX files run in onnxruntime.
+This file is run by path and imports nothing from etappe.
 """
 
 import os
@@ -58,10 +60,27 @@ def run(job: dict) -> None:
     np.savez(job["outputs"], *outputs)
 
 
-def main(jobs_file: str) -> int:
+def warm_up(formats: list) -> None:
+    try:
+        if "onnx" in formats:
+            import onnxruntime  # noqa: F401
+        if "torchscript" in formats or "export" in formats:
+            import torch  # noqa: F401
+        if "export" in formats:
+            import torch.export.pt2_archive  # noqa: F401  (what torch.export.load imports on first use)
+    except ImportError:
+        pass  # the job itself will report it
+
+
+def main(forbid_json: str, formats: str) -> int:
+    forbid = json.loads(forbid_json)
+    sys.meta_path.insert(0, Forbid(forbid))
+    warm_up(formats.split(","))
+    jobs_file = sys.stdin.readline().strip()
+    if not jobs_file:
+        return 0
     with open(jobs_file) as f:
         spec = json.load(f)
-    sys.meta_path.insert(0, Forbid(spec["forbid"]))
     results = []
     for job in spec["jobs"]:
         try:
@@ -71,9 +90,9 @@ def main(jobs_file: str) -> int:
             lines = [line for line in str(exc).strip().splitlines() if line.strip()]
             results.append({"ok": False, "error": f"{type(exc).__name__}: {lines[0] if lines else ''}"})
     with open(spec["result"], "w") as f:
-        json.dump({"results": results, "forbidden_loaded": sorted(n for n in spec["forbid"] if n in sys.modules)}, f)
+        json.dump({"results": results, "forbidden_loaded": sorted(n for n in forbid if n in sys.modules)}, f)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    sys.exit(main(sys.argv[1], sys.argv[2]))

@@ -121,23 +121,32 @@ def cmd_train(args: argparse.Namespace) -> int:
         while Path(f"{run_dir}-{n}").exists():
             n += 1
         config = config.replace(run_dir=f"{run_dir}-{n}")
-    elif run_dir.exists():
-        saved = _saved_config(run_dir)
-        if saved is not None:
-            saved.pop("data_spec", None)
-            saved["run_dir"] = str(run_dir)
-            config, explicit = _config_from_args(args, base=saved)
+    elif run_dir.exists() and _saved_config(run_dir) is not None:
+        return _resume(run_dir, args)
     return _train(config, allow_config_change=args.allow_config_change)
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
     run_dir = Path(args.run)
-    saved = _saved_config(run_dir)
-    if saved is None:
+    if _saved_config(run_dir) is None:
         raise UsageError(f"{run_dir} is not a run folder (no config.json); start one with: etappe train --run-dir {run_dir}")
+    return _resume(run_dir, args)
+
+
+def _resume(run_dir: Path, args: argparse.Namespace) -> int:
+    """Continue the run in ``run_dir`` with its saved config, changed only by the flags given."""
+    from etappe.config import config_differences
+
+    saved = _saved_config(run_dir)
     saved.pop("data_spec", None)
     saved["run_dir"] = str(run_dir)
     config, _ = _config_from_args(args, base=saved)
+    differences = config_differences(saved, config.to_dict())
+    if differences and not args.allow_config_change:
+        raise UsageError(
+            f"{run_dir} was trained with a different config ({'; '.join(differences)}); resuming would make it a "
+            "different run. Use a new --run-dir, or --allow-config-change to continue anyway"
+        )
     return _train(config, allow_config_change=args.allow_config_change)
 
 
@@ -251,6 +260,46 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(d) for d in text.replace("x", ",").split(","))
+    except ValueError:
+        shape = ()
+    if not shape or any(d < 1 for d in shape):
+        raise argparse.ArgumentTypeError(f"expected positive sizes like 1,28,28, got {text!r}")
+    return shape
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from etappe.export import FORMATS, ExportError, export_path
+
+    formats = list(FORMATS) if args.format == "all" else [args.format]
+    try:
+        exported = export_path(args.path, formats, out=args.out, atol=args.atol, input_shape=args.input_shape,
+                               which=args.checkpoint, model=args.model, data_dir=args.data_dir)
+    except ExportError as exc:
+        for e in exc.exported:
+            print(e.summary())
+        raise
+    for e in exported:
+        print(e.summary())
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from etappe.predict import format_results, predict
+
+    results = predict(args.model, args.inputs, top=args.top, resize=args.resize, which=args.checkpoint,
+                      input_shape=args.input_shape)
+    if args.json:
+        import json
+
+        print(json.dumps(results))
+    else:
+        print(format_results(results))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="etappe", description="Train, evaluate, checkpoint, resume and export "
                                      "PyTorch models. With no command, trains the CNN on the embedded digits set.")
@@ -292,6 +341,29 @@ def build_parser() -> argparse.ArgumentParser:
     ver = sub.add_parser("verify", help="check sizes and checksums of a checkpoint or every checkpoint of a run")
     ver.add_argument("path", metavar="PATH")
     ver.set_defaults(handler=cmd_verify)
+
+    exp = sub.add_parser("export", help="export for inference, then prove the file matches the model (parity check)")
+    exp.add_argument("path", metavar="RUN_OR_CHECKPOINT", help="run folder, checkpoint folder or weights file")
+    exp.add_argument("--format", required=True,
+                     choices=("state-dict", "safetensors", "torchscript", "export", "onnx", "all"),
+                     help="state-dict (.pt), safetensors, torchscript, export (torch.export .pt2), onnx, or all")
+    exp.add_argument("--out", help="output file (a folder with --format all; default RUN/export/model.<suffix>)")
+    exp.add_argument("--atol", type=float, help="largest max abs difference allowed (default 1e-5 for float32)")
+    exp.add_argument("--input-shape", type=_shape, metavar="C,H,W", help="one sample's shape, if not recorded")
+    exp.add_argument("--model", help="registry name (or module:factory) for a weights file without config")
+    exp.add_argument("--checkpoint", choices=("best", "latest"), default="best", help="which checkpoint of a run")
+    exp.add_argument("--data-dir", help="folder holding the data set (parity runs on its test inputs)")
+    exp.set_defaults(handler=cmd_export)
+
+    pre = sub.add_parser("predict", help="run a checkpoint or exported model on images, IDX, .npy or CSV files")
+    pre.add_argument("model", metavar="MODEL", help="run or checkpoint folder, or an exported file")
+    pre.add_argument("inputs", metavar="INPUT", nargs="+", help="images, IDX files, .npy arrays, CSV rows")
+    pre.add_argument("--top", type=int, default=1, metavar="K", help="show the K most probable classes")
+    pre.add_argument("--json", action="store_true", help="print JSON")
+    pre.add_argument("--resize", action="store_true", help="resize and convert images to the model's input shape")
+    pre.add_argument("--input-shape", type=_shape, metavar="C,H,W", help="one sample's shape, if not recorded")
+    pre.add_argument("--checkpoint", choices=("best", "latest"), default="best", help="which checkpoint of a run")
+    pre.set_defaults(handler=cmd_predict)
     return parser
 
 

@@ -317,6 +317,9 @@ class Trainer:
             collate_fn=self._collate,
             num_workers=self.num_workers,
             pin_memory=self.device.type == "cuda",
+            # Its own generator: creating the iterator would otherwise draw from torch's global RNG, and a
+            # resumed run would draw at a different moment than an uninterrupted one.
+            generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch),
         )
         for batch in loader:
             yield to_device(batch, self.device)
@@ -368,6 +371,14 @@ class Trainer:
                 f"{path} was made with a different config ({'; '.join(differences)}); resuming would make it a "
                 "different run. Use a new --run-dir, or --allow-config-change to continue anyway"
             )
+        if differences and self.config.get("lr") is not None and saved_config.get("lr") != self.config["lr"]:
+            # The optimizer's saved param groups carry the old rate; an allowed change of --lr applies from here.
+            for opt in self.optimizers.values():
+                for group in opt.param_groups:
+                    group["lr"] = self.config["lr"]
+            for sched in self.schedulers.values():
+                if hasattr(sched, "base_lrs"):
+                    sched.base_lrs = [self.config["lr"]] * len(sched.base_lrs)
         self.resumed_from = Path(path)
         return self.resumed_from
 

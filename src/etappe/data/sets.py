@@ -108,17 +108,28 @@ def digits(seed: int = 0) -> Dataset:
 
     The split is fixed (it does not follow ``seed``) so every run tests on the same images.
     """
-    from sklearn.datasets import load_digits
-
-    bunch = load_digits()
-    x = torch.from_numpy(bunch.images.astype(np.uint8)).unsqueeze(1)  # values 0..16
-    y = torch.from_numpy(bunch.target.astype(np.int64))
+    table = np.loadtxt(_sklearn_file("datasets/data/digits.csv.gz"), delimiter=",")  # 64 pixels, then the label
+    x = torch.from_numpy(table[:, :64].astype(np.uint8).reshape(-1, 1, 8, 8))  # values 0..16
+    y = torch.from_numpy(table[:, 64].astype(np.int64))
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(20240601))
     cut = len(x) - 360
     train, test = order[:cut], order[cut:]
     scale = 1.0 / 16
     spec = DataSpec("digits", (1, 8, 8), 10, 10, scale)
     return Dataset(TensorData(x[train], y[train], scale), TensorData(x[test], y[test], scale), spec)
+
+
+def _sklearn_file(relative: str) -> Path:
+    """A data file bundled with scikit-learn, found without importing it (``sklearn.datasets`` takes seconds)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("the digits data set comes with scikit-learn, which is not installed: pip install scikit-learn")
+    path = Path(list(spec.submodule_search_locations)[0]) / relative
+    if not path.is_file():
+        raise DataError(f"scikit-learn is installed but its bundled file {path} is missing; reinstall scikit-learn")
+    return path
 
 
 IDX_FILES = {

@@ -1,0 +1,28 @@
+"""Crash-safe checkpoints: atomic folders of safetensors + JSON with a checksummed manifest, a store with
+retention, safe reading of plain torch.save files, and inspection.
+
+    save(path, **objects)                 load(path, *, trusted=False, **objects)      verify(path)
+    CheckpointStore(root, keep_last=..., keep_best=..., monitor=..., mode=..., keep_every=...)
+    inspect(path) / format_inspection(info)      verify_tree(path)
+"""
+
+from etappe.checkpoint.errors import CheckpointError, CheckpointWarning
+from etappe.checkpoint.folder import load, save, verify
+from etappe.checkpoint.inspection import format_inspection, inspect
+from etappe.checkpoint.manifest import CHECKSUM, checksum
+from etappe.checkpoint.store import Checkpoint, CheckpointStore, verify_tree
+
+__all__ = [
+    "CHECKSUM",
+    "Checkpoint",
+    "CheckpointError",
+    "CheckpointStore",
+    "CheckpointWarning",
+    "checksum",
+    "format_inspection",
+    "inspect",
+    "load",
+    "save",
+    "verify",
+    "verify_tree",
+]

@@ -1,0 +1,226 @@
+"""One checkpoint folder: save it atomically, read it back verified, restore it into objects.
+
+Layout: ``state.json`` (every entry's kind, type and JSON state), one ``<entry>.safetensors`` per entry that
+holds tensors, and ``manifest.json``, written last, listing them all with sizes and checksums.
+
+A new checkpoint is written into a temporary folder beside its place and renamed into it. Overwriting an
+existing checkpoint writes the new files beside the old ones under other names (``model.1.safetensors``
+where ``model.safetensors`` is in use, and back), then replaces the manifest: until that rename the old
+manifest and its files stand untouched.
+"""
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from etappe.checkpoint import codec, fsio, kinds, legacy, manifest, tensorfile
+from etappe.checkpoint.errors import CheckpointError
+from etappe.errors import UsageError
+
+STATE = "state.json"
+_ENTRY_NAME = re.compile(r"[A-Za-z0-9_-]+")  # no dots: "model.1.safetensors" can never be another entry's file
+
+
+@dataclass
+class _Entry:
+    kind: str
+    type: str | None
+    value: Any
+
+
+def save(path: str | os.PathLike, /, **objects: Any) -> Path:
+    """Save ``objects`` by name into checkpoint folder ``path``, atomically; return the folder's path.
+
+    Objects with ``state_dict()``/``load_state_dict()`` (modules, optimizers, schedulers, grad scalers, ...) are
+    saved as their state; anything else must be a plain value: None, bool, int, float (inf and nan too), str,
+    bytes, list, tuple, dict, tensor or numpy array. An existing checkpoint at ``path`` is replaced, and stays
+    valid until the new one is complete. Raises CheckpointError on any failure; nothing is left half-written.
+    """
+    return write(Path(path), objects)
+
+
+def load(path: str | os.PathLike, /, *, trusted: bool = False, **objects: Any) -> dict[str, Any]:
+    """Verify checkpoint ``path``, restore the named ``objects`` in place, and return everything else it holds.
+
+    ``path`` is an etappe checkpoint folder, or a plain ``torch.save`` file (.pt/.pth/.tar) or a .safetensors
+    file. Objects are restored with ``load_state_dict`` in the order given, and only after every file has been
+    verified. The result maps each entry not restored to its value (plain values as saved; Stateful entries as
+    their state_dict); its tensors view the checkpoint's files copy-on-write, as ``safetensors.load_file``'s do.
+    ``trusted=True`` allows fully unpickling a torch.save file, which can run code from it.
+    """
+    path = Path(path)
+    if path.is_file():
+        return legacy.load(path, objects, trusted=trusted)
+    return restore(path, read(path), objects)
+
+
+def verify(path: str | os.PathLike) -> None:
+    """Check every file of checkpoint ``path`` against its manifest; raise CheckpointError naming the bad file.
+
+    A plain torch.save file is checked against the CRC-32s its zip archive holds.
+    """
+    path = Path(path)
+    if path.is_file():
+        return legacy.verify(path)
+    body = manifest.read(path)
+    for name, entry in body["files"].items():
+        manifest.verify_file(path, name, entry)
+
+
+def write(path: Path, objects: Mapping[str, Any], meta: Mapping[str, Any] | None = None) -> Path:
+    """``save`` for callers with a mapping of objects and extra manifest fields (the store's step and metrics)."""
+    encoded = _encode(objects)  # before touching the disk: state_dict() or an unsupported value may raise
+    old_files = None
+    if (path / manifest.MANIFEST).exists():
+        try:
+            old_files = set(manifest.read(path)["files"])
+        except CheckpointError:
+            old_files = set()  # a corrupt checkpoint holds nothing worth keeping: overwrite it like strays
+    elif path.exists() and not _empty_dir(path):
+        raise CheckpointError(
+            f"cannot save to {path}: it exists and is not an etappe checkpoint (no manifest.json); "
+            "pick another path or remove it"
+        )
+    try:
+        if old_files is None:
+            _write_new(path, encoded, dict(meta or {}))
+        else:
+            _overwrite(path, encoded, dict(meta or {}), old_files)
+    except OSError as e:
+        what = f"{e.strerror} ({e.filename})" if e.filename else str(e)
+        raise CheckpointError(f"cannot save checkpoint {path}: {what}; any previous checkpoint there is unchanged") from e
+    return path
+
+
+def read(path: Path) -> dict[str, _Entry]:
+    """Read every file of checkpoint ``path`` once, verifying sizes and checksums, and decode its entries."""
+    body = manifest.read(path)
+    blobs = {name: manifest.read_verified(path, name, entry) for name, entry in body["files"].items()}
+    where = path / body["state"]
+    try:
+        state = json.loads(bytes(blobs[body["state"]]))
+        entries = {}
+        for name, e in state["entries"].items():
+            tensors = tensorfile.parse(blobs[e["tensors"]], path / e["tensors"]) if "tensors" in e else {}
+            entries[name] = _Entry(e["kind"], e.get("type"), codec.decode(e["data"], tensors))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{where}: malformed checkpoint state ({type(e).__name__}: {e}); was it written by a newer etappe?") from None
+    return entries
+
+
+def restore(path: Path, entries: Mapping[str, _Entry], objects: Mapping[str, Any]) -> dict[str, Any]:
+    """Load entries into ``objects`` by name; return the entries not restored."""
+    for name, obj in objects.items():
+        if name not in entries:
+            raise CheckpointError(f"{path} has no entry {name!r}; it holds: {', '.join(entries) or 'nothing'}")
+        if not kinds.is_stateful(obj):
+            raise UsageError(
+                f"cannot restore {name!r} into a {type(obj).__name__}: pass objects with load_state_dict(); "
+                "plain values come back in load()'s result"
+            )
+    for name, obj in objects.items():
+        state = entries[name].value
+        if not isinstance(obj, torch.nn.Module):  # a module copies into its parameters; an optimizer keeps the
+            state = _owned(state, {})  # tensors it is given, which would pin the checkpoint's file until exit
+        kinds.load_into(obj, state, f"{path} entry {name!r}")
+    return {name: e.value for name, e in entries.items() if name not in objects}
+
+
+def _owned(value: Any, copies: dict[int, torch.Tensor]) -> Any:
+    """``value`` with every tensor copied into memory of its own (tied tensors stay tied)."""
+    if isinstance(value, torch.Tensor):
+        if id(value) not in copies:
+            copies[id(value)] = value.clone()
+        return copies[id(value)]
+    if isinstance(value, dict):
+        return {k: _owned(v, copies) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_owned(v, copies) for v in value)
+    return value
+
+
+def _encode(objects: Mapping[str, Any]) -> dict[str, tuple[dict, dict]]:
+    """{entry: (state.json record, tensors)}; calls each object's state_dict() once."""
+    out = {}
+    for name, obj in objects.items():
+        if not isinstance(name, str) or not _ENTRY_NAME.fullmatch(name):
+            raise UsageError(f"cannot save an entry named {name!r}: use letters, digits, '_' and '-'")
+        kind = kinds.of_object(obj)
+        record: dict[str, Any] = {"kind": kind}
+        if kind != kinds.VALUE:
+            record["type"] = kinds.type_name(obj)
+            state = obj.state_dict()
+        else:
+            state = obj
+        if kind == kinds.MODULE:
+            record["parameters"] = sum(p.numel() for p in obj.parameters())
+        record["data"], tensors = codec.encode(state, f"{name!r}")
+        out[name] = (record, tensors)
+    return out
+
+
+def _write_files(folder: Path, encoded: dict, taken: set[str], written: dict[str, tuple[int, str]]) -> str:
+    """Write the state and tensor files into ``folder`` under names not in ``taken``, recording each in
+    ``written`` ({name: (size, checksum)}) as it is started; return the state file's name."""
+
+    def put(name: str, chunks) -> str:
+        if name in taken:
+            stem, ext = name.split(".", 1)
+            name = f"{stem}.1.{ext}"
+        fsio.remove_quietly(folder / name)  # only ever an unreferenced leftover of an interrupted overwrite
+        written[name] = (0, "")
+        hasher = manifest.new_hasher()
+        size = fsio.write_file(folder / name, chunks, hasher)
+        written[name] = (size, hasher.hexdigest())
+        return name
+
+    entries = {}
+    for entry, (record, tensors) in encoded.items():
+        record = dict(record)
+        if tensors:
+            record["tensors"] = put(f"{entry}.safetensors", tensorfile.chunks(tensors))
+        entries[entry] = record
+    return put(STATE, [json.dumps({"entries": entries}, separators=(",", ":"), allow_nan=False).encode()])
+
+
+def _write_new(path: Path, encoded: dict, meta: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fsio.sweep(path.parent, path.name)
+    tmp = fsio.temp_path(path)
+    try:
+        tmp.mkdir()
+        files: dict[str, tuple[int, str]] = {}
+        state = _write_files(tmp, encoded, set(), files)
+        manifest.write(tmp, files, state, meta)
+        fsio.fsync_dir(tmp)
+        fsio.replace(tmp, path)  # the commit
+    except BaseException:
+        fsio.remove_quietly(tmp)
+        raise
+
+
+def _overwrite(path: Path, encoded: dict, meta: dict, old_files: set[str]) -> None:
+    tmp_manifest = fsio.temp_path(path / manifest.MANIFEST)
+    files: dict[str, tuple[int, str]] = {}
+    try:
+        state = _write_files(path, encoded, old_files, files)
+        manifest.write(path, files, state, meta, name=tmp_manifest.name)
+        fsio.replace(tmp_manifest, path / manifest.MANIFEST)  # the commit
+    except BaseException:
+        for name in [*files, tmp_manifest.name]:
+            fsio.remove_quietly(path / name)
+        raise
+    for child in path.iterdir():  # the old checkpoint's files, and strays of earlier interrupted overwrites
+        if child.name not in files and child.name != manifest.MANIFEST:
+            fsio.remove_quietly(child)
+    fsio.fsync_dir(path)
+
+
+def _empty_dir(path: Path) -> bool:
+    return path.is_dir() and not any(path.iterdir())

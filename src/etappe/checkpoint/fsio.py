@@ -1,0 +1,143 @@
+"""Durable file operations: the one atomic rename, fsync, temporary folders beside their final place.
+
+A temporary name is ``.tmp-<name>-<pid>-<random>``: readers ignore it, and ``sweep`` removes it once
+the process that made it is gone.
+"""
+
+import mmap
+import os
+import re
+import secrets
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+
+_TEMP = re.compile(r"\.tmp-(?P<name>.*)-(?P<pid>\d+)-[0-9a-f]{8}")
+
+
+def replace(src: Path, dst: Path) -> None:
+    """Move ``src`` onto ``dst`` atomically and durably: a file onto a file, a folder onto a missing or empty folder.
+
+    This is the only ``os.replace`` in etappe; every commit and every delete of a checkpoint goes through it.
+    """
+    os.replace(src, dst)
+    fsync_dir(Path(dst).parent)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make the entries of folder ``path`` (created, renamed, deleted files) durable."""
+    if not hasattr(os, "O_DIRECTORY"):  # Windows cannot open a folder; NTFS journals renames itself
+        return
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def temp_path(final: Path) -> Path:
+    """A fresh temporary name beside ``final`` that readers ignore and ``sweep`` recognizes."""
+    return final.parent / f".tmp-{final.name}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def is_temp(name: str) -> bool:
+    return _TEMP.fullmatch(name) is not None
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Replace file ``path`` by ``data`` so that a reader, even after a crash, finds the old content or the new."""
+    path = Path(path)
+    tmp = temp_path(path)
+    try:
+        write_file(tmp, [data])
+        replace(tmp, path)
+    except BaseException:
+        remove_quietly(tmp)
+        raise
+
+
+def write_file(path: Path, chunks: Iterable[bytes | memoryview], hasher=None) -> int:
+    """Write ``chunks`` to a new file, feeding each to ``hasher`` on the way, and fsync it. Returns the size."""
+    size = 0
+    with open(path, "xb") as f:  # "x": a name we did not pick fresh is never clobbered
+        for chunk in chunks:
+            if hasher is not None:
+                hasher.update(chunk)
+            f.write(chunk)
+            size += len(chunk)
+        f.flush()
+        os.fsync(f.fileno())
+    return size
+
+
+def map_file(path: Path, size: int) -> mmap.mmap | bytes:
+    """The bytes of a file of known ``size``, mapped copy-on-write rather than read: hashing them and viewing
+    them as tensors then costs no copy (writes to those tensors stay private to this process)."""
+    with open(path, "rb") as f:
+        found = os.fstat(f.fileno()).st_size
+        if found != size:
+            raise EOFError(f"{path}: {found} bytes, expected {size}")
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size else b""
+
+
+def remove_tree(path: Path) -> None:
+    """Delete a folder so that readers see it either whole or gone: rename it to a temporary name first."""
+    doomed = temp_path(path)
+    replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def remove_quietly(path: Path) -> None:
+    """Best-effort cleanup after a failure; the original error is the one worth reporting."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        try:
+            path.unlink()
+        except OSError:
+            pass
+
+
+def sweep(folder: Path, name: str | None = None) -> list[Path]:
+    """Remove temporary entries in ``folder`` left by processes that no longer run (optionally only for ``name``)."""
+    removed = []
+    try:
+        children = list(folder.iterdir())
+    except FileNotFoundError:
+        return removed
+    for child in children:
+        m = _TEMP.fullmatch(child.name)
+        if m is None or (name is not None and m["name"] != name) or _alive(int(m["pid"])):
+            continue
+        remove_quietly(child)
+        removed.append(child)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def atomic_write_bytes(path: Path, data: bytes | memoryview) -> None:
+    """Replace the file ``path`` with ``data`` so readers see the old or the new content, never a part."""
+    path = Path(path)
+    tmp = temp_path(path)
+    try:
+        with open(tmp, "xb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        replace(tmp, path)
+    except BaseException:
+        remove_quietly(tmp)
+        raise

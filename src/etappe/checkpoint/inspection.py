@@ -1,0 +1,212 @@
+"""What a checkpoint holds, as the seeds print it by hand: every tensor's name, shape, dtype and size, each
+model's parameter count, each optimizer's type, hyperparameters and state size, schedulers, counters, metrics.
+
+Works from headers and JSON alone for etappe checkpoints (no tensor data is read), and on plain torch.save
+and .safetensors files.
+"""
+
+import json
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from etappe.checkpoint import codec, kinds, legacy, manifest, tensorfile
+from etappe.checkpoint.errors import CheckpointError
+
+_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")  # in a module state_dict, not parameters
+_OPTIMIZER_BY_KEY = [  # a param-group key only that optimizer has, for files that do not record the type
+    ("max_iter", "LBFGS"), ("beta2_decay", "Adafactor"), ("etas", "Rprop"), ("lambd", "ASGD"),
+    ("lr_decay", "Adagrad"), ("rho", "Adadelta"), ("centered", "RMSprop"), ("momentum_decay", "NAdam"),
+    ("nesterov", "SGD"), ("amsgrad", "Adam"), ("decoupled_weight_decay", "RAdam"), ("betas", "Adamax"),
+]  # fmt: skip
+_LONG = 16  # lists longer than this (an RNG state's 625 ints) are summarized
+
+
+def inspect(path: str | os.PathLike, *, trusted: bool = False) -> dict[str, Any]:
+    """A JSON-able description of checkpoint ``path`` (an etappe checkpoint folder or a plain file)."""
+    path = Path(path)
+    if path.is_file():
+        return _inspect_file(path, trusted)
+    body = manifest.read(path)
+    state = json.loads(bytes(manifest.read_verified(path, body["state"], body["files"][body["state"]])))
+    info: dict[str, Any] = {
+        "path": str(path),
+        "format": "etappe checkpoint",
+        **{k: body[k] for k in ("format_version", "etappe_version", "torch_version", "created", "step") if k in body},
+        "metrics": _plain(codec.decode(body.get("metrics", {}), {})),
+        "files": [{"name": n, "bytes": f["size"]} for n, f in body["files"].items()],
+        "entries": [],
+    }
+    for name, e in state["entries"].items():
+        tensors = {}
+        if "tensors" in e:
+            file = path / e["tensors"]
+            if file.stat().st_size != body["files"][e["tensors"]]["size"]:
+                raise CheckpointError(f"{file}: size differs from the manifest's; run verify for details")
+            try:
+                tensors = tensorfile.infos(file)
+            except (ValueError, OSError) as err:
+                raise CheckpointError(f"{file}: unreadable header: {err}") from None
+        value = codec.decode(e["data"], tensors)
+        info["entries"].append(_describe(name, e["kind"], e.get("type"), value, e.get("parameters")))
+    return info
+
+
+def format_inspection(info: Mapping[str, Any]) -> str:
+    """``inspect``'s result as text: a heading, then each entry, tensors one per line as ``name\\tshape\\tdtype\\tsize``."""
+    head = f"{info['path']}: {info['format']}"
+    facts = [f"{k.replace('_', ' ')} {info[k]}" for k in ("format_version", "etappe_version", "torch_version", "step") if k in info]
+    if "bytes" in info:
+        facts.append(_size(info["bytes"]))
+    lines = [head + (f" ({', '.join(facts)})" if facts else "")]
+    if info.get("metrics"):
+        lines.append("metrics: " + ", ".join(f"{k}={v}" for k, v in info["metrics"].items()))
+    if info.get("files"):
+        lines.append("files: " + ", ".join(f"{f['name']} {_size(f['bytes'])}" for f in info["files"]))
+    for e in info["entries"]:
+        lines.append("")
+        lines += _format_entry(e)
+    return "\n".join(lines)
+
+
+def _inspect_file(path: Path, trusted: bool) -> dict[str, Any]:
+    fmt = "safetensors" if path.suffix == ".safetensors" else "torch.save"
+    info: dict[str, Any] = {"path": str(path), "format": fmt, "bytes": path.stat().st_size, "entries": []}
+    for name, value in legacy.entries(legacy.read(path, trusted=trusted)).items():
+        typ = None
+        if kinds.is_stateful(value):  # a whole pickled object, from a trusted file
+            typ, value = kinds.type_name(value), value.state_dict()
+        info["entries"].append(_describe(name, kinds.of_state(value), typ, value, None))
+    return info
+
+
+def _describe(name: str, kind: str, typ: str | None, value: Any, parameters: int | None) -> dict[str, Any]:
+    out: dict[str, Any] = {"name": name, "kind": kind}
+    if typ:
+        out["type"] = typ
+    if kind == kinds.MODULE and isinstance(value, Mapping):
+        listed = [{"name": k, **_tensor(t)} for k, t in value.items() if _is_tensor(t)]
+        unique = {id(t): t for t in value.values() if _is_tensor(t)}
+        out["parameters"] = parameters if parameters is not None else _count_parameters(value)
+        out["bytes"] = sum(_tensor(t)["bytes"] for t in unique.values())
+        out["tensors"] = listed
+    elif kind == kinds.OPTIMIZER and isinstance(value, Mapping):
+        groups = value.get("param_groups", [])
+        if not typ:
+            out["type"] = _guess_optimizer(groups)
+        out["param_groups"] = [{**{k: _plain(v) for k, v in g.items() if k != "params"}, "params": len(g.get("params", []))} for g in groups]
+        tensors = _tensors_in(value.get("state", {}))
+        out["state"] = {"params": len(value.get("state", {})), "tensors": len(tensors), "bytes": sum(_tensor(t)["bytes"] for t in tensors)}
+    elif kind == kinds.VALUE:
+        out["value"] = _plain(value)
+    else:
+        out["state"] = _plain(value)
+    return out
+
+
+def _format_entry(e: Mapping[str, Any]) -> list[str]:
+    typ = e.get("type", "").rsplit(".", 1)[-1]
+    if e["kind"] == kinds.MODULE:
+        lines = [f"{e['name']}: {typ or 'model'} state_dict, {e['parameters']:,} parameters, {_size(e['bytes'])}"]
+        lines += [f"  {t['name']}\t{list(t['shape'])}\t{t['dtype']}\t{_size(t['bytes'])}" for t in e["tensors"]]
+        return lines
+    if e["kind"] == kinds.OPTIMIZER:
+        s = e["state"]
+        lines = [f"{e['name']}: {typ}, state for {s['params']} params ({s['tensors']} tensors, {_size(s['bytes'])})"]
+        for i, g in enumerate(e["param_groups"]):
+            lines.append(f"  group {i}: " + ", ".join(f"{k}={v}" for k, v in g.items()))
+        return lines
+    if e["kind"] == kinds.VALUE:
+        return [f"{e['name']}: {_short(e['value'])}"]
+    lines = [f"{e['name']}: {typ or e['kind']}"]
+    state = e["state"]
+    if isinstance(state, Mapping):
+        lines += [f"  {k}: {_short(v)}" for k, v in state.items()]
+    else:
+        lines.append(f"  {_short(state)}")
+    return lines
+
+
+def _is_tensor(x: Any) -> bool:
+    return isinstance(x, (torch.Tensor, tensorfile.TensorInfo, np.ndarray))
+
+
+def _tensor(t: Any) -> dict[str, Any]:
+    if isinstance(t, tensorfile.TensorInfo):
+        return {"shape": list(t.shape), "dtype": t.dtype, "bytes": t.bytes}
+    if isinstance(t, np.ndarray):
+        return {"shape": list(t.shape), "dtype": str(t.dtype), "bytes": t.nbytes}
+    return {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."), "bytes": t.numel() * t.element_size()}
+
+
+def _tensors_in(value: Any) -> list[Any]:
+    if _is_tensor(value):
+        return [value]
+    if isinstance(value, Mapping):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors_in(v)]
+    return []
+
+
+def _count_parameters(state: Mapping[str, Any]) -> int:
+    """Elements of a module state_dict's tensors, tied ones once, without the usual buffers."""
+    seen, total = set(), 0
+    for key, t in state.items():
+        if not _is_tensor(t) or key.rsplit(".", 1)[-1] in _BUFFERS:
+            continue
+        ident = (t.data_ptr(), t.shape) if isinstance(t, torch.Tensor) and t.numel() else id(t)
+        if ident not in seen:
+            seen.add(ident)
+            total += math.prod(_tensor(t)["shape"])
+    return total
+
+
+def _guess_optimizer(groups: list) -> str:
+    keys = set().union(*(g.keys() for g in groups)) if groups else set()
+    for key, name in _OPTIMIZER_BY_KEY:
+        if key in keys:
+            if name == "Adam" and any(g.get("decoupled_weight_decay") for g in groups):
+                name = "AdamW"
+            return f"{name} (guessed from its hyperparameters)"
+    return "unknown optimizer"
+
+
+def _plain(v: Any) -> Any:
+    """A JSON-able rendering: tensors as their description, tuples as lists, long lists summarized."""
+    if _is_tensor(v):
+        return {"tensor": _tensor(v)}
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    if isinstance(v, (bytes, bytearray)):
+        return f"<{len(v)} bytes>"
+    if isinstance(v, Mapping):
+        return {str(k): _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        if len(v) > _LONG:
+            return f"<{type(v).__name__} of {len(v)} items>"
+        return [_plain(x) for x in v]
+    return repr(v)
+
+
+def _short(v: Any) -> str:
+    if isinstance(v, Mapping) and set(v) == {"tensor"}:
+        t = v["tensor"]
+        return f"tensor {t['shape']} {t['dtype']} {_size(t['bytes'])}"
+    text = json.dumps(v) if not isinstance(v, str) else v
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} B"

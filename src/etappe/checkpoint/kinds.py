@@ -1,0 +1,59 @@
+"""What a saved thing is (module, optimizer, scheduler, scaler, other Stateful, plain value), told from the
+object when saving and from the state_dict's shape when the object is gone (a plain torch.save file);
+and putting a state back into an object."""
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from etappe.checkpoint.errors import CheckpointError
+
+MODULE, OPTIMIZER, SCHEDULER, SCALER, STATEFUL, VALUE = "module", "optimizer", "scheduler", "scaler", "stateful", "value"
+
+
+def is_stateful(obj: Any) -> bool:
+    return callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))
+
+
+def of_object(obj: Any) -> str:
+    if isinstance(obj, torch.nn.Module):
+        return MODULE
+    if isinstance(obj, torch.optim.Optimizer):
+        return OPTIMIZER
+    if isinstance(obj, (torch.optim.lr_scheduler.LRScheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)):
+        return SCHEDULER
+    if isinstance(obj, torch.amp.GradScaler):
+        return SCALER
+    return STATEFUL if is_stateful(obj) else VALUE
+
+
+def of_state(state: Any) -> str:
+    """Guess the kind from a state_dict alone."""
+    if is_stateful(state):
+        return of_object(state)
+    if not isinstance(state, Mapping) or not state:
+        return VALUE
+    if {"state", "param_groups"} <= state.keys():
+        return OPTIMIZER
+    if all(isinstance(k, str) for k in state) and all(isinstance(v, torch.Tensor) for v in state.values()):
+        return MODULE
+    if "last_epoch" in state or "base_lrs" in state:
+        return SCHEDULER
+    if {"scale", "growth_factor"} <= state.keys():
+        return SCALER
+    return VALUE
+
+
+def type_name(obj: Any) -> str:
+    cls = type(obj)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def load_into(obj: Any, state: Any, where: str) -> None:
+    """``obj.load_state_dict(state)``, with torch's complaint (a missing key, a shape) as one clear line."""
+    try:
+        obj.load_state_dict(state)
+    except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as e:
+        said = " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
+        raise CheckpointError(f"cannot restore {where} into {type(obj).__name__}: {said}") from e

@@ -1,0 +1,182 @@
+"""A folder of checkpoints, one per step: save with metrics, find the latest or best that verifies, prune.
+
+Each checkpoint is ``<root>/step-<step>``. Retention runs only after a save has committed, deletes by
+renaming a checkpoint out of sight before removing it, and always keeps the checkpoint just saved.
+"""
+
+import math
+import os
+import re
+import warnings
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from etappe.checkpoint import codec, folder, fsio, manifest
+from etappe.checkpoint.errors import CheckpointError, CheckpointWarning
+from etappe.errors import UsageError
+
+_STEP = re.compile(r"step-(\d+)")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A committed checkpoint of a store (its manifest reads; ``verify`` checks its files)."""
+
+    path: Path
+    step: int
+    metrics: Mapping[str, float] = field(default_factory=dict)
+
+
+class CheckpointStore:
+    """The checkpoints of one run folder, with a retention policy.
+
+    keep_last: keep the k highest steps. keep_best: keep the k best by metric ``monitor`` (``mode`` "min" or
+    "max"). keep_every: keep every step divisible by n, forever. A checkpoint kept by any rule stays; with no
+    rule given, all stay. Opening the store removes temporary folders left by crashed saves.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        *,
+        keep_last: int | None = None,
+        keep_best: int | None = None,
+        monitor: str | None = None,
+        mode: str = "min",
+        keep_every: int | None = None,
+    ) -> None:
+        for name, value in (("keep_last", keep_last), ("keep_best", keep_best), ("keep_every", keep_every)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise UsageError(f"{name} must be a positive whole number or None, got {value!r}")
+        if mode not in ("min", "max"):
+            raise UsageError(f"mode must be 'min' or 'max', got {mode!r}")
+        if keep_best is not None and monitor is None:
+            raise UsageError("keep_best needs monitor, the name of the metric to rank checkpoints by")
+        self.root = Path(root)
+        self.keep_last, self.keep_best, self.keep_every = keep_last, keep_best, keep_every
+        self.monitor, self.mode = monitor, mode
+        fsio.sweep(self.root)
+
+    def path_for(self, step: int) -> Path:
+        return self.root / f"step-{step:08d}"
+
+    def save(self, step: int, objects: Mapping[str, Any], metrics: Mapping[str, float] | None = None) -> Path:
+        """Save ``objects`` (by name, as for ``save``) as the checkpoint of ``step``, then apply retention."""
+        if not isinstance(step, int) or step < 0:
+            raise UsageError(f"step must be a whole number >= 0, got {step!r}")
+        metrics = {k: float(v) for k, v in (metrics or {}).items()}
+        path = self.path_for(step)
+        if path.exists() and not (path / manifest.MANIFEST).exists():
+            fsio.remove_tree(path)  # an uncommitted leftover at this step: nothing in it was ever valid
+        meta = {"step": step, "metrics": codec.encode(metrics, "metrics")[0]}
+        folder.write(path, objects, meta)
+        self._prune(newest=step)
+        return path
+
+    def checkpoints(self) -> list[Checkpoint]:
+        """The committed checkpoints, by step (their manifests read; their data files are not checked here)."""
+        found = []
+        for path, step in self._candidates():
+            try:
+                body = manifest.read(path)
+            except CheckpointError:
+                continue
+            found.append(Checkpoint(path, step, codec.decode(body.get("metrics", {}), {})))
+        return found
+
+    def latest(self) -> Path | None:
+        """The highest step that verifies; each bad one skipped is reported with a CheckpointWarning."""
+        return next(self._verified(p for p, _ in reversed(self._candidates())), None)
+
+    def best(self) -> Path | None:
+        """The best checkpoint by ``monitor`` that verifies; the latest one if there is no monitor or no metric."""
+        ranked = self._ranked(self.checkpoints())
+        if not ranked:
+            return self.latest()
+        return next(self._verified(c.path for c in ranked), None) or self.latest()
+
+    def load(self, path: str | os.PathLike | None = None, /, **objects: Any) -> dict[str, Any]:
+        """``load`` a checkpoint of this store; without ``path``, the latest that verifies (bad ones are skipped
+        with a warning, each read only once)."""
+        if path is not None:
+            return folder.load(path, **objects)
+        for candidate, _ in reversed(self._candidates()):
+            try:
+                entries = folder.read(candidate)
+            except CheckpointError as e:
+                warnings.warn(f"skipping checkpoint {candidate}: {e}", CheckpointWarning, stacklevel=2)
+                continue
+            return folder.restore(candidate, entries, objects)
+        raise CheckpointError(f"no valid checkpoint in {self.root}")
+
+    def _candidates(self) -> list[tuple[Path, int]]:
+        try:
+            children = list(self.root.iterdir())
+        except FileNotFoundError:
+            return []
+        found = [(c, int(m[1])) for c in children if (m := _STEP.fullmatch(c.name)) and c.is_dir()]
+        return sorted(found, key=lambda pc: pc[1])
+
+    def _verified(self, paths) -> Iterator[Path]:
+        for path in paths:
+            try:
+                folder.verify(path)
+            except CheckpointError as e:
+                warnings.warn(f"skipping checkpoint {path}: {e}", CheckpointWarning, stacklevel=3)
+                continue
+            yield path
+
+    def _ranked(self, checkpoints: list[Checkpoint]) -> list[Checkpoint]:
+        """Checkpoints with a usable ``monitor`` value, best first (later steps first among equals)."""
+        if self.monitor is None:
+            return []
+        usable = [c for c in checkpoints if not math.isnan(c.metrics.get(self.monitor, math.nan))]
+        sign = 1 if self.mode == "min" else -1
+        return sorted(usable, key=lambda c: (sign * c.metrics[self.monitor], -c.step))
+
+    def _prune(self, newest: int) -> None:
+        if self.keep_last is None and self.keep_best is None and self.keep_every is None:
+            return
+        committed = self.checkpoints()
+        keep = {newest}
+        if self.keep_last is not None:
+            keep |= {c.step for c in committed[-self.keep_last :]}
+        if self.keep_best is not None:
+            keep |= {c.step for c in self._ranked(committed)[: self.keep_best]}
+        if self.keep_every is not None:
+            keep |= {c.step for c in committed if c.step % self.keep_every == 0}
+        for c in committed:
+            if c.step not in keep:
+                fsio.remove_tree(c.path)
+
+
+def verify_tree(path: str | os.PathLike) -> list[tuple[Path, str | None]]:
+    """Verify a checkpoint, a plain checkpoint file, or every checkpoint under a folder (a run, or many runs).
+
+    Returns (path, error message or None) for each, by path. Raises CheckpointError if there is nothing to check.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder")
+    if path.is_file() or (path / manifest.MANIFEST).exists():
+        targets = [path]
+    else:
+        targets = []
+        for here, dirs, _ in os.walk(path):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            for d in list(dirs):
+                if (Path(here, d) / manifest.MANIFEST).exists() or _STEP.fullmatch(d):
+                    targets.append(Path(here, d))
+                    dirs.remove(d)  # a checkpoint's insides are its own business
+        if not targets:
+            raise CheckpointError(f"{path}: no checkpoints in it (folders with a manifest.json, or step-N folders)")
+    results = []
+    for target in targets:
+        try:
+            folder.verify(target)
+            results.append((target, None))
+        except CheckpointError as e:
+            results.append((target, str(e)))
+    return results

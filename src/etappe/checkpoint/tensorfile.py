@@ -1,0 +1,139 @@
+"""Tensors to and from the safetensors format, streamed: no extra copy of tensor bytes on either side.
+
+Writing yields the file as chunks (header, then each tensor's memory), so the caller can hash while writing.
+Reading views a verified buffer: each tensor is a ``torch.frombuffer`` slice of it. Dtypes the safetensors
+format lacks (complex128, complex32, newer float8/4 kinds) are stored as raw bytes, with their real dtype and
+shape in the header's ``__metadata__``; the files stay readable by any safetensors reader.
+Tensors are laid out by element size, largest first, as safetensors does, so every slice is aligned.
+"""
+
+import json
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+_CODES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
+    "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool",
+    "F8_E4M3": "float8_e4m3fn", "F8_E4M3FNUZ": "float8_e4m3fnuz",
+    "F8_E5M2": "float8_e5m2", "F8_E5M2FNUZ": "float8_e5m2fnuz", "C64": "complex64",
+}  # fmt: skip
+_DTYPE_OF_CODE = {code: getattr(torch, name) for code, name in _CODES.items() if hasattr(torch, name)}
+_CODE_OF_DTYPE = {dtype: code for code, dtype in _DTYPE_OF_CODE.items()}
+_RAW = "etappe.raw"  # __metadata__ key: {name: {"dtype", "shape"}} for tensors stored as raw bytes
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """What inspection shows of a stored tensor, read from the header alone."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    bytes: int
+
+
+def chunks(tensors: dict[str, torch.Tensor]) -> Iterator[bytes | memoryview]:
+    """The safetensors file holding ``tensors``, as a header and one chunk per tensor."""
+    prepared = sorted(((name, _prepare(t)) for name, t in tensors.items()), key=lambda it: (-it[1][3], it[0]))
+    header: dict = {}
+    raw: dict = {}
+    offset = 0
+    for name, (data, code, shape, _, real) in prepared:
+        header[name] = {"dtype": code, "shape": shape, "data_offsets": [offset, offset + len(data)]}
+        offset += len(data)
+        if real is not None:
+            raw[name] = real
+    if raw:
+        header["__metadata__"] = {_RAW: json.dumps(raw, separators=(",", ":"))}
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # keeps the data, and so every tensor, 8-byte aligned
+    yield struct.pack("<Q", len(text)) + text
+    for _, (data, *_) in prepared:
+        if len(data):
+            yield data
+
+
+def parse(buf, where: Path) -> dict[str, torch.Tensor]:
+    """Tensors viewing ``buf`` (a writable buffer: an mmap or bytearray), a whole, verified safetensors file."""
+    header, base = _header(buf[:8], lambda n: buf[8 : 8 + n], len(buf), where)
+    raw = _raw_of(header, where)
+    out = {}
+    for name, info in header.items():
+        start, end = info["data_offsets"]
+        dtype, shape = _real(name, info, raw, where)
+        if end == start:
+            out[name] = torch.empty(shape, dtype=dtype)
+            continue
+        flat = torch.frombuffer(buf, dtype=torch.uint8, count=end - start, offset=base + start)
+        out[name] = flat.view(dtype).reshape(shape)
+    return out
+
+
+def infos(path: Path) -> dict[str, TensorInfo]:
+    """Names, shapes, dtypes and sizes of the tensors in a safetensors file, reading only its header."""
+    with open(path, "rb") as f:
+        size = path.stat().st_size
+        header, _ = _header(f.read(8), f.read, size, path)
+    raw = _raw_of(header, path)
+    out = {}
+    for name, info in header.items():
+        dtype, shape = _real(name, info, raw, path)
+        start, end = info["data_offsets"]
+        out[name] = TensorInfo(name, shape, str(dtype).removeprefix("torch."), end - start)
+    return out
+
+
+def _prepare(t: torch.Tensor) -> tuple[memoryview | bytes, str, list[int], int, dict | None]:
+    """(bytes, safetensors dtype code, stored shape, alignment, real dtype/shape if stored raw)."""
+    t = t.detach().cpu().resolve_conj().resolve_neg().contiguous()
+    code = _CODE_OF_DTYPE.get(t.dtype)
+    data = memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else b""
+    if code is not None:
+        return data, code, list(t.shape), t.element_size(), None
+    real = {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
+    return data, "U8", [len(data)], t.element_size(), real
+
+
+def _header(first8: bytes, read, size: int, where: Path) -> tuple[dict, int]:
+    if len(first8) != 8:
+        raise ValueError(f"{where}: too short for a safetensors file ({size} bytes)")
+    (n,) = struct.unpack("<Q", first8)
+    if 8 + n > size:
+        raise ValueError(f"{where}: safetensors header of {n} bytes does not fit in {size} bytes")
+    header = json.loads(bytes(read(n)))
+    base = 8 + n
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = info["data_offsets"]
+        if not 0 <= start <= end <= size - base:
+            raise ValueError(f"{where}: tensor {name!r} at bytes {start}..{end} lies outside the file")
+    return header, base
+
+
+def _raw_of(header: dict, where: Path) -> dict:
+    meta = header.pop("__metadata__", None) or {}
+    return json.loads(meta.get(_RAW, "{}"))
+
+
+def _real(name: str, info: dict, raw: dict, where: Path) -> tuple[torch.dtype, tuple[int, ...]]:
+    if name in raw:
+        dtype = getattr(torch, raw[name]["dtype"], None)
+        shape = tuple(raw[name]["shape"])
+    else:
+        dtype = _DTYPE_OF_CODE.get(info["dtype"])
+        shape = tuple(info["shape"])
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"{where}: tensor {name!r} has dtype {info['dtype']!r}, which this torch does not have")
+    start, end = info["data_offsets"]
+    numel = 1
+    for d in shape:
+        numel *= d
+    if numel * dtype.itemsize != end - start:
+        raise ValueError(f"{where}: tensor {name!r} of shape {list(shape)} {dtype} needs {numel * dtype.itemsize} bytes, the file has {end - start}")
+    return dtype, shape
