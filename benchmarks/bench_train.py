@@ -6,6 +6,7 @@ Variants, each training a fresh model (same seed) for one epoch over the same N 
 
   seed        per-sample Dataset (uint8 -> float / 255 per item, as ToTensor) + DataLoader(batch, shuffle=True)
   bound       whole set as float tensors, a randperm, batches by indexing; no DataLoader, no .item(), plain loop
+  bound+det   the bound with torch.use_deterministic_algorithms(True), which etappe's Trainer sets on CPU
   trainer     etappe.loop.Trainer(run_dir=None): samples / wall time of fit(1)
   trainer+ckpt  the same with run_dir set (a checkpoint at the end of the epoch), when the store exists
   lightning   Lightning's default Trainer over the seed-style DataLoader, when lightning is installed
@@ -24,7 +25,6 @@ import contextlib
 import io
 import json
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -77,8 +77,10 @@ def seed_loop(w: dict, x: torch.Tensor, y: torch.Tensor) -> float:
     return len(x) / (time.perf_counter() - start)
 
 
-def bound_loop(w: dict, xf: torch.Tensor, y: torch.Tensor) -> float:
-    torch.use_deterministic_algorithms(False)  # etappe's Trainer turns it on for CPU; the bound runs without
+def bound_loop(w: dict, xf: torch.Tensor, y: torch.Tensor, deterministic: bool = False) -> float:
+    # etappe's Trainer turns deterministic algorithms on for CPU (process-wide); the bound runs without them,
+    # and once more with them ("bound+det") to show what that setting costs.
+    torch.use_deterministic_algorithms(deterministic)
     model, opt = make(w)
     loss_fn = nn.CrossEntropyLoss()
     bs = w["batch_size"]
@@ -90,7 +92,9 @@ def bound_loop(w: dict, xf: torch.Tensor, y: torch.Tensor) -> float:
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return len(xf) / (time.perf_counter() - start)
+    rate = len(xf) / (time.perf_counter() - start)
+    torch.use_deterministic_algorithms(False)
+    return rate
 
 
 def trainer_run(w: dict, data, run_dir: Path | None, out: dict) -> float:
@@ -192,6 +196,7 @@ def main() -> None:
         plain: dict = {}
         variants = {
             "bound": lambda: bound_loop(w, xf, y),
+            "bound+det": lambda: bound_loop(w, xf, y, deterministic=True),
             "seed": lambda: seed_loop(w, x, y),
             "trainer": lambda: trainer_run(w, data, None, plain),
         }

@@ -215,3 +215,63 @@ def check_store() -> str | None:
         return f"etappe.checkpoint is not importable yet ({type(exc).__name__}: {exc})"
     missing = [n for n in ("save", "load", "CheckpointStore") if not hasattr(ck, n)]
     return f"etappe.checkpoint lacks {', '.join(missing)}" if missing else None
+
+
+# ---------------------------------------------------------------- checkpoint state
+
+
+def make_state(weights_mb: float, width: int | None = None):
+    """A stack of Linear layers holding ``weights_mb`` MB of float32 weights, and an Adam optimizer that has
+    taken one step (so its exp_avg and exp_avg_sq double that): about 3x ``weights_mb`` of state in all."""
+    import torch
+    from torch import nn
+
+    width = width or (4096 if weights_mb >= 1000 else 2048)
+    per_layer = (width * width + width) * 4 / 1e6
+    layers = max(1, round(weights_mb / per_layer))
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(width, width) for _ in range(layers)])
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 1e-3)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return model, opt
+
+
+def flat_tensors(model, opt) -> dict:
+    """Every tensor of the model's and the optimizer's state, by a flat name (what a bare safetensors file holds)."""
+    out = {f"model.{k}": v for k, v in model.state_dict().items()}
+    for i, st in opt.state_dict()["state"].items():
+        for k, v in st.items():
+            out[f"optimizer.{i}.{k}"] = v if v.dim() else v.reshape(1)
+    return out
+
+
+def state_bytes(model, opt) -> int:
+    return sum(t.numel() * t.element_size() for t in flat_tensors(model, opt).values())
+
+
+def touch(tensors) -> None:
+    """Read one element per 4 KB page of every tensor (forces a lazily mapped file into memory)."""
+    import torch
+
+    for t in tensors:
+        if t.numel():
+            flat = t.reshape(-1)
+            step = max(1, 4096 // t.element_size())
+            flat[::step].to(torch.float64).sum()
+
+
+def tensors_of(tree):
+    """Every tensor in a nested dict/list/tuple."""
+    import torch
+
+    if isinstance(tree, torch.Tensor):
+        yield tree
+    elif isinstance(tree, dict):
+        for v in tree.values():
+            yield from tensors_of(v)
+    elif isinstance(tree, (list, tuple)):
+        for v in tree:
+            yield from tensors_of(v)

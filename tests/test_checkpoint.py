@@ -409,12 +409,22 @@ def test_store_sweeps_temporary_folders_of_dead_processes_only(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_pid = int(dead.stdout)
     stale = tmp_path / f".tmp-step-00000002-{dead_pid}-0badc0de"
-    live = tmp_path / f".tmp-step-00000003-{os.getpid()}-0badc0de"
     stale.mkdir()
     (stale / "model.safetensors").write_bytes(b"half")
+    ours_before = tmp_path / f".tmp-step-00000003-{os.getpid()}-0badc0de"  # a crashed run that had our pid
+    ours_before.mkdir()
+    live = fsio.temp_path(tmp_path / "step-00000004")  # a save in progress in this process
     live.mkdir()
+    other = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    others = tmp_path / f".tmp-step-00000005-{other.pid}-0badc0de"  # a save in progress in another process
+    others.mkdir()
+    try:
+        CheckpointStore(tmp_path)
+    finally:
+        other.communicate(b"")
+    assert not stale.exists() and not ours_before.exists() and live.exists() and others.exists()
     CheckpointStore(tmp_path)
-    assert not stale.exists() and live.exists()
+    assert not others.exists()
 
 
 def expected_retained(saved_in_order, loss, keep_last, keep_best, keep_every):
@@ -450,6 +460,12 @@ def test_retention_never_deletes_the_checkpoint_just_saved(tmp_path):
     assert [c.step for c in store.checkpoints()] == [1, 4]
 
 
+def test_keep_last_zero_keeps_only_the_newest(tmp_path):
+    store = CheckpointStore(tmp_path, keep_last=0)
+    save_steps(store, [1, 2, 3])
+    assert [c.step for c in store.checkpoints()] == [3]
+
+
 def test_store_overwrites_a_step_and_replaces_uncommitted_leftovers(tmp_path):
     store = CheckpointStore(tmp_path)
     store.save(5, {"x": 1})
@@ -466,7 +482,9 @@ def test_store_rejects_bad_policies():
     with pytest.raises(UsageError, match="mode"):
         CheckpointStore("x", mode="lowest")
     with pytest.raises(UsageError, match="keep_last"):
-        CheckpointStore("x", keep_last=0)
+        CheckpointStore("x", keep_last=-1)
+    with pytest.raises(UsageError, match="keep_every"):
+        CheckpointStore("x", keep_every=0)
     assert issubclass(CheckpointError, EtappeError) and CheckpointError.exit_code == 1
 
 

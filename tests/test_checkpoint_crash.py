@@ -4,12 +4,14 @@ cleanly."""
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -30,23 +32,6 @@ class Holder:
         self.state = state
 '''
 
-BIG_WRITER = HOLDER + '''
-import sys, time, torch
-from etappe.checkpoint import CheckpointStore
-
-root, step, value = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-n = 8_000_000  # 32 MB a tensor, 256 MB in all
-model = Holder({f"layer{i}.weight": torch.full((n,), value) for i in range(4)})
-optimizer = Holder({"state": {i: {"exp_avg": torch.full((n,), value)} for i in range(4)},
-                    "param_groups": [{"lr": value, "params": [0, 1, 2, 3]}]})
-store = CheckpointStore(root, keep_last=1)
-print("ready", flush=True)
-start = time.perf_counter()
-store.save(step, {"model": model, "optimizer": optimizer, "value": value}, {"loss": 1 / value})
-print("saved", time.perf_counter() - start, flush=True)
-'''
-
-
 def start(script: Path, *args) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, str(script), *map(str, args)], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "ready"
@@ -64,7 +49,6 @@ def committed_value(root: Path) -> tuple[int, float]:
         store = CheckpointStore(root, keep_last=1)
         latest = store.latest()
     assert latest is not None and no_temps(root)
-    ck.verify(latest)
     saved = ck.load(latest)
     value = saved["value"]
     tensors = [*saved["model"].values(), *(s["exp_avg"] for s in saved["optimizer"]["state"].values())]
@@ -75,35 +59,107 @@ def committed_value(root: Path) -> tuple[int, float]:
     return int(latest.name.removeprefix("step-")), value
 
 
-def test_sigkill_at_random_moments_of_a_save_leaves_the_old_or_the_new_checkpoint(tmp_path):
+# Importing torch takes seconds; a zygote imports it once and forks one real writer process per round.
+# It never computes before forking, so the children start with no OpenMP pool to inherit.
+WRITER_ZYGOTE = HOLDER + '''
+import os, sys, time
+import torch
+from etappe.checkpoint import CheckpointStore
+
+print("ready", flush=True)
+for line in sys.stdin:
+    root, step, value = line.split()
+    step, value = int(step), float(value)
+    pid = os.fork()
+    if pid == 0:
+        n = 8_000_000  # 32 MB a tensor, 256 MB in all
+        model = Holder({f"layer{i}.weight": torch.full((n,), value) for i in range(4)})
+        optimizer = Holder({"state": {i: {"exp_avg": torch.full((n,), value)} for i in range(4)},
+                            "param_groups": [{"lr": value, "params": [0, 1, 2, 3]}]})
+        store = CheckpointStore(root, keep_last=1)
+        print("saving", flush=True)
+        start = time.perf_counter()
+        store.save(step, {"model": model, "optimizer": optimizer, "value": value}, {"loss": 1 / value})
+        print("saved", time.perf_counter() - start, flush=True)
+        os._exit(0)
+    print(pid, flush=True)
+    sys.stdin.readline()  # reap only when told: until then the pid cannot be reused, so the kill hits our child
+    _, status = os.waitpid(pid, 0)
+    print("killed" if os.WIFSIGNALED(status) and os.WTERMSIG(status) == 9 else f"exit {status}", flush=True)
+'''
+
+
+class Writers:
+    """Writer processes on demand: ``save(root, step, value, kill_after)`` runs one, SIGKILLs it after
+    ``kill_after`` seconds of saving (None: let it finish), and says whether it finished."""
+
+    def __init__(self, script: Path) -> None:
+        self.proc = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout.readline().strip() == "ready"
+
+    def save(self, root: Path, step: int, value: float, kill_after: float | None) -> tuple[bool, float]:
+        self.proc.stdin.write(f"{root} {step} {value}\n")
+        self.proc.stdin.flush()
+        pid = int(self.proc.stdout.readline())
+        assert self.proc.stdout.readline().strip() == "saving"
+        if kill_after is not None:
+            time.sleep(kill_after)
+            os.kill(pid, signal.SIGKILL)  # a child that already finished is a zombie: the kill does nothing
+        self.proc.stdin.write("reap\n")
+        self.proc.stdin.flush()
+        lines = [self.proc.stdout.readline().strip()]
+        if lines[0].startswith("saved"):
+            lines.append(self.proc.stdout.readline().strip())
+        finished = lines[0].startswith("saved")
+        assert lines[-1] == ("exit 0" if finished else "killed"), lines
+        return finished, float(lines[0].split()[1]) if finished else math.nan
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+@pytest.fixture
+def scratch(tmp_path):
+    """A folder in memory when /dev/shm allows (the kills test processes, not disks; this spares the disk GBs)."""
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK) and shutil.disk_usage(shm).free > 2 * 2**30:
+        path = Path(tempfile.mkdtemp(dir=shm, prefix="etappe-test-"))
+        yield path
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        yield tmp_path
+
+
+def test_sigkill_at_random_moments_of_a_save_leaves_the_old_or_the_new_checkpoint(tmp_path, scratch):
     seed = int.from_bytes(os.urandom(4), "little")
     rng = random.Random(seed)
-    script = tmp_path / "writer.py"
-    script.write_text(BIG_WRITER)
-    root = tmp_path / "run"
-    proc = start(script, root, 1, 1.0)
-    out, _ = proc.communicate(timeout=300)
-    save_seconds = float(out.split()[1])
-    step, value = committed_value(root)
-    assert (step, value) == (1, 1.0)
-
-    killed_mid_save, rounds = 0, 0
-    while killed_mid_save < 20:
-        rounds += 1
-        assert rounds <= 60, f"only {killed_mid_save} kills landed inside a save (seed {seed})"
-        new_step = rng.choice([step, step + 1])  # overwrite the same step in place, or commit a new folder
-        proc = start(script, root, new_step, value + 1)
-        time.sleep(rng.uniform(0, save_seconds * 1.1))
-        proc.send_signal(signal.SIGKILL)
-        out, _ = proc.communicate(timeout=300)
-        finished = "saved" in out
-        killed_mid_save += proc.returncode == -signal.SIGKILL and not finished
-        old = (step, value)
+    script = tmp_path / "writers.py"
+    script.write_text(WRITER_ZYGOTE)
+    writers = Writers(script)
+    root = scratch / "run"
+    try:
+        finished, save_seconds = writers.save(root, 1, 1.0, kill_after=None)
+        assert finished
         step, value = committed_value(root)
-        assert (step, value) in (old, (new_step, old[1] + 1)), f"seed {seed}: {old} -> {(step, value)}"
-        if finished:
-            assert (step, value) == (new_step, old[1] + 1)
-        assert [p.name for p in root.iterdir()] == [f"step-{step:08d}"]  # keep_last=1, nothing half-deleted
+        assert (step, value) == (1, 1.0)
+        killed_mid_save, rounds = 0, 0
+        while killed_mid_save < 20:
+            rounds += 1
+            assert rounds <= 60, f"only {killed_mid_save} kills landed inside a save (seed {seed})"
+            new_step = rng.choice([step, step + 1])  # overwrite the same step in place, or commit a new folder
+            finished, seconds = writers.save(root, new_step, value + 1, kill_after=rng.uniform(0, save_seconds * 1.1))
+            if finished:
+                save_seconds = seconds
+            killed_mid_save += not finished
+            old = (step, value)
+            step, value = committed_value(root)
+            assert (step, value) in (old, (new_step, old[1] + 1)), f"seed {seed}: {old} -> {(step, value)}"
+            if finished:
+                assert (step, value) == (new_step, old[1] + 1)
+            assert [p.name for p in root.iterdir()] == [f"step-{step:08d}"]  # keep_last=1, nothing half-deleted
+    finally:
+        writers.close()
 
 
 RETENTION_WRITER = HOLDER + '''
@@ -151,7 +207,8 @@ def test_retention_keeps_exactly_the_policy_across_crashes_and_restarts(tmp_path
                 break
         time.sleep(rng.uniform(0, 0.05))
         proc.send_signal(signal.SIGKILL)
-        proc.communicate(timeout=60)
+        proc.wait(timeout=60)
+        proc.stdout.close()
         store = CheckpointStore(root, keep_last=2, keep_best=2, monitor="loss", mode="min", keep_every=5)
         assert no_temps(root)
         latest = store.latest()
@@ -163,7 +220,8 @@ def test_retention_keeps_exactly_the_policy_across_crashes_and_restarts(tmp_path
         for c in store.checkpoints():
             ck.verify(c.path)
     proc = start(script, root, 40)
-    assert proc.communicate(timeout=120)[0].strip().endswith("done")
+    assert proc.stdout.read().strip().endswith("done")  # not communicate(timeout=...): it skips buffered lines
+    assert proc.wait(timeout=120) == 0
     store = CheckpointStore(root)
     assert {c.step for c in store.checkpoints()} == policy(range(1, 41))
     assert policy(range(1, 41)) == {39, 40} | set(sorted(range(1, 41), key=loss)[:2]) | set(range(5, 41, 5))

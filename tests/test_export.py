@@ -15,13 +15,14 @@ from torch import nn
 
 from etappe import models
 from etappe.data import load_dataset
-from etappe.errors import EtappeError, UsageError
+from etappe.errors import UsageError
 from etappe.export import (
     FORMATS,
     ExportError,
     export,
     export_all,
     load_model,
+    parity_process,
     read_sidecar,
     to_exported_program,
     to_onnx,
@@ -52,6 +53,13 @@ def train_briefly(model: nn.Module, data, steps: int = 40, seed: int = 0) -> nn.
 @pytest.fixture(scope="module")
 def digits():
     return load_dataset("digits")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_check_process():
+    """The exports of this module share one parity-check process (the CLI tests run the one-per-export path)."""
+    with parity_process():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -289,7 +297,7 @@ def test_bad_arguments_are_one_line_errors(tmp_path):
     with pytest.raises(UsageError, match="does not exist; expected a run folder"):
         load_model(tmp_path / "missing.pt")
     torch.save(models.build("linear", (1, 8, 8), 10).state_dict(), tmp_path / "weights.pt")
-    with pytest.raises(UsageError, match="holds weights only; to rebuild the model pass --model NAME and --input-shape"):
+    with pytest.raises(UsageError, match="holds weights only; to rebuild the model pass --model NAME and --input"):
         load_model(tmp_path / "weights.pt")
     loaded, config = load_model(tmp_path / "weights.pt", model="linear", input_shape=(1, 8, 8))
     assert config["num_outputs"] == 10  # read off the last weight
@@ -309,7 +317,7 @@ def test_a_model_on_another_device_or_wrapped_is_exported_unwrapped(tmp_path):
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("cli")
-    result = run_cli("train", "--data", "digits", "--model", "cnn", "--epochs", "2", "--run-dir", "run", "--quiet",
+    result = run_cli("train", "--data", "digits", "--model", "cnn", "--epochs", "1", "--run-dir", "run", "--quiet",
                      cwd=cwd)
     assert result.returncode == 0, result.stderr
     return cwd / "run"

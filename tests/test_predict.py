@@ -16,7 +16,7 @@ from etappe.data import TensorData, load_dataset, write_idx
 from etappe.errors import EtappeError, UsageError
 from etappe.export import export_all
 from etappe.loop import evaluate
-from etappe.predict import predict, read_inputs
+from etappe.predict import format_results, predict, read_inputs
 from tests.conftest import run_cli
 
 N = 24  # test-set samples drawn as PNGs
@@ -190,16 +190,16 @@ def test_unknown_types_and_misfit_arrays_are_one_line_errors(trained, tmp_path):
 # ------------------------------------------------------------------ the CLI
 
 
-def test_cli_predict_prints_lines_and_json(trained, pngs):
+def test_cli_predict_prints_json_and_people_get_one_line_per_input(trained, pngs):
     model, files = trained
-    result = run_cli("predict", str(files["export"]), *map(str, pngs[:3]), "--top", "2")
-    assert result.returncode == 0, result.stderr
-    lines = result.stdout.strip().splitlines()
-    assert len(lines) == 3 and lines[0].startswith(f"{pngs[0]}: class ") and " then " in lines[0]
-    result = run_cli("predict", str(files["onnx"]), *map(str, pngs[:3]), "--json")
+    result = run_cli("predict", str(files["export"]), *map(str, pngs[:3]), "--top", "2", "--json")
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
-    assert [r["class"] for r in data] == [r["class"] for r in predict(files["onnx"], pngs[:3])]
+    assert data == predict(files["export"], pngs[:3], top=2)
+    lines = format_results(data).splitlines()
+    first, second = data[0]["top"]
+    assert len(lines) == 3 and lines[0] == (f"{pngs[0]}: class {first['class']} (p={first['probability']:.3f})  "
+                                            f"then {second['class']} ({second['probability']:.3f})")
 
 
 def test_cli_predict_bad_input_is_one_line_exit_2(trained, tmp_path):

@@ -1,14 +1,15 @@
 """The half of the parity check that must not see the model's class: load exported files in a fresh process,
 run them on saved inputs, save the outputs.
 
-    python _parity_worker.py FORBID_JSON FORMATS      then one line on stdin: the path of JOBS.json
+    python _parity_worker.py FORBID_JSON FORMATS      then, on stdin, one path of a JOBS.json per line
 
-FORBID_JSON lists modules (etappe and the modules that define the model's classes) that cannot be imported here,
-so a file that needs them to load fails the check instead of passing because they happened to be importable.
-The process starts while the parent is still writing the files: it imports what FORMATS need first (torch and
-torch.export's loader take seconds), then waits for JOBS.json: {"result": path, "jobs": [{"format", "file",
-"inputs", "outputs"}]}. End of input instead of a path means nothing to check. ONNX files run in onnxruntime.
-This file is run by path and imports nothing from etappe.
+Modules in FORBID_JSON (etappe), and in each JOBS.json's "forbid" (the modules defining that model's classes),
+cannot be imported here, so a file that needs them to load fails the check instead of passing because they
+happened to be importable. The process starts while the parent is still writing the files: it imports what
+FORMATS need first (torch and torch.export's loader take seconds), then reads JOBS.json paths until end of
+input. JOBS.json: {"forbid": [...], "jobs": [{"format", "file", "inputs", "outputs"}]}; the results go to
+stdout as one line starting with MARK. ONNX files run in onnxruntime. This file is run by path and imports
+nothing from etappe.
 """
 
 import os
@@ -20,6 +21,9 @@ if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(
 
 import importlib.abc  # noqa: E402
 import json  # noqa: E402
+
+
+MARK = "@@etappe-parity "  # starts the line that reports a check's results on stdout
 
 
 class Forbid(importlib.abc.MetaPathFinder):
@@ -73,24 +77,31 @@ def warm_up(formats: list) -> None:
 
 
 def main(forbid_json: str, formats: str) -> int:
-    forbid = json.loads(forbid_json)
-    sys.meta_path.insert(0, Forbid(forbid))
+    base = json.loads(forbid_json)
+    finder = Forbid(base)
+    sys.meta_path.insert(0, finder)
     warm_up(formats.split(","))
-    jobs_file = sys.stdin.readline().strip()
-    if not jobs_file:
-        return 0
-    with open(jobs_file) as f:
-        spec = json.load(f)
-    results = []
-    for job in spec["jobs"]:
-        try:
-            run(job)
-            results.append({"ok": True})
-        except Exception as exc:  # reported to the parent, which turns it into one line for the user
-            lines = [line for line in str(exc).strip().splitlines() if line.strip()]
-            results.append({"ok": False, "error": f"{type(exc).__name__}: {lines[0] if lines else ''}"})
-    with open(spec["result"], "w") as f:
-        json.dump({"results": results, "forbidden_loaded": sorted(n for n in forbid if n in sys.modules)}, f)
+    for line in sys.stdin:  # one JOBS.json per line, until end of input
+        if not line.strip():
+            continue
+        with open(line.strip()) as f:
+            spec = json.load(f)
+        finder.names = sorted(set(base) | set(spec.get("forbid", [])))
+        # A forbidden module already here (imported by an earlier check) would void this check's claim.
+        present = sorted(n for n in finder.names if any(m == n or m.startswith(n + ".") for m in sys.modules))
+        results = []
+        for job in spec["jobs"]:
+            if present:
+                results.append({"ok": False, "error": f"modules {present} were already imported in the check process"})
+                continue
+            try:
+                run(job)
+                results.append({"ok": True})
+            except Exception as exc:  # reported to the parent, which turns it into one line for the user
+                lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+                results.append({"ok": False, "error": f"{type(exc).__name__}: {lines[0] if lines else ''}"})
+        sys.stdout.write("\n" + MARK + json.dumps({"results": results}) + "\n")
+        sys.stdout.flush()
     return 0
 
 

@@ -23,15 +23,18 @@ images and arrays), the model's registry name (what a state dict needs to be reb
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import copy
 import io
 import json
 import logging
 import math
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import warnings
 import zipfile
 from dataclasses import dataclass
@@ -195,8 +198,9 @@ def export_many(
     fresh_formats = [f for f in targets if f in FRESH_PROCESS_FORMATS]
     exported: list[Exported] = []
     failures: list[str] = []
-    with tempfile.TemporaryDirectory(prefix="etappe-parity-") as tmp, _eval_mode(model):
-        checker = _FreshProcess(fresh_formats, forbid, Path(tmp)) if fresh_formats else None
+    shared = _SHARED_PROCESS.get()
+    with _eval_mode(model):
+        checker = (shared or _FreshProcess(fresh_formats)) if fresh_formats else None
         try:
             with torch.no_grad():
                 expected = _outputs(model(check), "the model")
@@ -211,10 +215,13 @@ def export_many(
                 except ExportError as exc:
                     _remove(path)
                     failures.append(str(exc))
+                except BaseException:
+                    _remove(path)  # no half-written file left behind
+                    raise
             fresh = [(fmt, path) for fmt, path, _ in written if fmt in FRESH_PROCESS_FORMATS]
-            results = checker.check(fresh, check) if fresh and checker else {}
+            results = checker.check(fresh, check, forbid) if fresh and checker else {}
         finally:
-            if checker:
+            if checker and checker is not shared:
                 checker.close()
         for fmt, path, _ in written:
             if fmt not in FRESH_PROCESS_FORMATS:
@@ -413,50 +420,95 @@ def _parity_inputs(example: torch.Tensor, inputs: torch.Tensor | None, seed: int
 
 class _FreshProcess:
     """The parity check's fresh Python process. It starts before the files are written, so its imports (seconds
-    for torch and torch.export's loader) overlap the export work; ``check`` then hands it the files."""
+    for torch and torch.export's loader) overlap the export work; ``check`` then hands it files to load. It
+    never imports etappe, and each check forbids the modules defining that model's classes."""
 
-    def __init__(self, formats: list[str], forbid: list[str], tmpdir: Path) -> None:
-        self.tmpdir = tmpdir
-        self.stderr = open(tmpdir / "stderr.txt", "w+")  # a file, not a pipe: nobody reads while it imports
+    MARK = "@@etappe-parity "
+
+    def __init__(self, formats: Sequence[str]) -> None:
+        self.tmp = tempfile.TemporaryDirectory(prefix="etappe-parity-")
+        self.tmpdir = Path(self.tmp.name)
+        self.stderr = open(self.tmpdir / "stderr.txt", "w+")  # a file, not a pipe: nobody reads it meanwhile
         self.proc = subprocess.Popen(
-            [sys.executable, str(_WORKER), json.dumps(forbid), ",".join(formats)],
-            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self.stderr, text=True,
+            [sys.executable, str(_WORKER), json.dumps(["etappe"]), ",".join(formats)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True,
         )
+        self.checks = 0
+        self.lock = threading.Lock()
 
-    def check(self, targets: list[tuple[str, Path]], inputs: torch.Tensor) -> dict[Path, list[np.ndarray] | str]:
-        np.save(self.tmpdir / "inputs.npy", inputs.numpy())
-        jobs = [
-            {"format": fmt, "file": str(path.resolve()), "inputs": str(self.tmpdir / "inputs.npy"),
-             "outputs": str(self.tmpdir / f"out{i}.npz")}
-            for i, (fmt, path) in enumerate(targets)
-        ]
-        result_file = self.tmpdir / "result.json"
-        (self.tmpdir / "jobs.json").write_text(json.dumps({"result": str(result_file), "jobs": jobs}))
-        try:
-            self.proc.communicate(str(self.tmpdir / "jobs.json") + "\n", timeout=1800)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            raise ExportError("the parity check process did not finish within 30 minutes") from None
-        if not result_file.is_file():
-            self.stderr.seek(0)
-            lines = [line for line in self.stderr.read().strip().splitlines() if line.strip()]
-            raise ExportError(f"the parity check process failed (exit code {self.proc.returncode}): "
-                              f"{lines[-1] if lines else 'no output'}")
-        report = json.loads(result_file.read_text())
-        out: dict[Path, list[np.ndarray] | str] = {}
-        for (fmt, path), job, result in zip(targets, jobs, report["results"]):
-            if result["ok"]:
-                with np.load(job["outputs"]) as z:
-                    out[path] = [z[f"arr_{i}"] for i in range(len(z.files))]
-            else:
-                out[path] = f"in a fresh process: {result['error']}"
-        return out
+    def check(
+        self, targets: list[tuple[str, Path]], inputs: torch.Tensor, forbid: list[str]
+    ) -> dict[Path, list[np.ndarray] | str]:
+        with self.lock:
+            self.checks += 1
+            folder = self.tmpdir / f"check{self.checks}"
+            folder.mkdir()
+            np.save(folder / "inputs.npy", inputs.numpy())
+            jobs = [
+                {"format": fmt, "file": str(path.resolve()), "inputs": str(folder / "inputs.npy"),
+                 "outputs": str(folder / f"out{i}.npz")}
+                for i, (fmt, path) in enumerate(targets)
+            ]
+            (folder / "jobs.json").write_text(json.dumps({"forbid": forbid, "jobs": jobs}))
+            report = None
+            try:
+                self.proc.stdin.write(str(folder / "jobs.json") + "\n")
+                self.proc.stdin.flush()
+                for line in self.proc.stdout:
+                    if line.startswith(self.MARK):
+                        report = json.loads(line[len(self.MARK):])
+                        break
+            except OSError:
+                pass
+            if report is None:
+                self.proc.kill()
+                self.proc.wait()
+                self.stderr.seek(0)
+                lines = [line for line in self.stderr.read().strip().splitlines() if line.strip()]
+                raise ExportError(f"the parity check process failed (exit code {self.proc.returncode}): "
+                                  f"{lines[-1] if lines else 'no output'}")
+            out: dict[Path, list[np.ndarray] | str] = {}
+            for (fmt, path), job, result in zip(targets, jobs, report["results"]):
+                if result["ok"]:
+                    with np.load(job["outputs"]) as z:
+                        out[path] = [z[f"arr_{i}"] for i in range(len(z.files))]
+                else:
+                    out[path] = f"in a fresh process: {result['error']}"
+            shutil.rmtree(folder, ignore_errors=True)
+            return out
 
     def close(self) -> None:
-        if self.proc.poll() is None:  # never handed any files (every export failed): no need to wait for it
-            self.proc.kill()
-            self.proc.communicate()
-        self.stderr.close()
+        if self.proc.poll() is None:
+            if self.checks:
+                self.proc.stdin.close()  # end of input: the process exits
+                try:
+                    self.proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+            else:
+                self.proc.kill()  # never handed any files (every export failed): no need to wait for its imports
+            self.proc.wait()
+        for stream in (self.proc.stdin, self.proc.stdout, self.stderr):
+            if stream and not stream.closed:
+                stream.close()
+        self.tmp.cleanup()
+
+
+_SHARED_PROCESS: contextvars.ContextVar[_FreshProcess | None] = contextvars.ContextVar("parity_process", default=None)
+
+
+@contextlib.contextmanager
+def parity_process() -> Iterator[None]:
+    """Check the exports made inside the block in one fresh process, started here, instead of one process per
+    export call: it saves seconds per model (torch's imports) when exporting many. The process still never
+    imports etappe, nor, during each check, the modules defining that model's classes."""
+    process = _FreshProcess(FRESH_PROCESS_FORMATS)
+    token = _SHARED_PROCESS.set(process)
+    try:
+        yield
+    finally:
+        _SHARED_PROCESS.reset(token)
+        process.close()
 
 
 def _reload_state(model: nn.Module, fmt: str, path: Path, inputs: torch.Tensor) -> list[np.ndarray] | str:

@@ -52,7 +52,9 @@ def encode(value: Any, where: str) -> tuple[Any, dict[str, torch.Tensor]]:
             try:
                 t = torch.from_numpy(v if v.flags.c_contiguous else v.copy(order="C"))
             except TypeError:
-                raise CheckpointError(f"cannot save {where}{_show(path)}: numpy arrays of dtype {v.dtype} have no torch equivalent") from None
+                raise CheckpointError(
+                    f"cannot save {where}{_show(path)}: numpy arrays of dtype {v.dtype} have no torch equivalent"
+                ) from None
             return {TAG: "ndarray", "tensor": tensor_ref(t, path)}
         if isinstance(v, np.generic):
             return enc(v.item(), path)
@@ -65,8 +67,9 @@ def encode(value: Any, where: str) -> tuple[Any, dict[str, torch.Tensor]]:
         if isinstance(v, Mapping):
             return enc_mapping(v, path)
         raise CheckpointError(
-            f"cannot save {where}{_show(path)}: a {type(v).__module__}.{type(v).__qualname__} is not something a checkpoint "
-            "holds; use numbers, strings, bools, None, lists, tuples, dicts, tensors or numpy arrays, or an object with state_dict()"
+            f"cannot save {where}{_show(path)}: a {type(v).__module__}.{type(v).__qualname__} is not something a "
+            "checkpoint holds; use numbers, strings, bools, None, lists, tuples, dicts, tensors or numpy arrays, "
+            "or an object with state_dict()"
         )
 
     def enc_mapping(v: Mapping, path: tuple) -> dict:

@@ -13,7 +13,6 @@ import json
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +24,6 @@ from etappe.errors import UsageError
 
 STATE = "state.json"
 _ENTRY_NAME = re.compile(r"[A-Za-z0-9_-]+")  # no dots: "model.1.safetensors" can never be another entry's file
-
-
-@dataclass
-class _Entry:
-    kind: str
-    type: str | None
-    value: Any
 
 
 def save(path: str | os.PathLike, /, **objects: Any) -> Path:
@@ -98,23 +90,23 @@ def write(path: Path, objects: Mapping[str, Any], meta: Mapping[str, Any] | None
     return path
 
 
-def read(path: Path) -> dict[str, _Entry]:
-    """Read every file of checkpoint ``path`` once, verifying sizes and checksums, and decode its entries."""
+def read(path: Path) -> dict[str, Any]:
+    """Read every file of checkpoint ``path`` once, verifying sizes and checksums; return {entry: value}."""
     body = manifest.read(path)
     blobs = {name: manifest.read_verified(path, name, entry) for name, entry in body["files"].items()}
-    where = path / body["state"]
     try:
         state = json.loads(bytes(blobs[body["state"]]))
-        entries = {}
-        for name, e in state["entries"].items():
-            tensors = tensorfile.parse(blobs[e["tensors"]], path / e["tensors"]) if "tensors" in e else {}
-            entries[name] = _Entry(e["kind"], e.get("type"), codec.decode(e["data"], tensors))
+        tensors = {name: tensorfile.parse(blobs[e["tensors"]], path / e["tensors"]) if "tensors" in e else {}
+                   for name, e in state["entries"].items()}
+        return {name: codec.decode(e["data"], tensors[name]) for name, e in state["entries"].items()}
     except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise CheckpointError(f"{where}: malformed checkpoint state ({type(e).__name__}: {e}); was it written by a newer etappe?") from None
-    return entries
+        raise CheckpointError(
+            f"{path / body['state']}: malformed checkpoint state ({type(e).__name__}: {e}); "
+            "was it written by a newer etappe?"
+        ) from None
 
 
-def restore(path: Path, entries: Mapping[str, _Entry], objects: Mapping[str, Any]) -> dict[str, Any]:
+def restore(path: Path, entries: Mapping[str, Any], objects: Mapping[str, Any]) -> dict[str, Any]:
     """Load entries into ``objects`` by name; return the entries not restored."""
     for name, obj in objects.items():
         if name not in entries:
@@ -125,11 +117,11 @@ def restore(path: Path, entries: Mapping[str, _Entry], objects: Mapping[str, Any
                 "plain values come back in load()'s result"
             )
     for name, obj in objects.items():
-        state = entries[name].value
+        state = entries[name]
         if not isinstance(obj, torch.nn.Module):  # a module copies into its parameters; an optimizer keeps the
             state = _owned(state, {})  # tensors it is given, which would pin the checkpoint's file until exit
         kinds.load_into(obj, state, f"{path} entry {name!r}")
-    return {name: e.value for name, e in entries.items() if name not in objects}
+    return {name: value for name, value in entries.items() if name not in objects}
 
 
 def _owned(value: Any, copies: dict[int, torch.Tensor]) -> Any:

@@ -35,16 +35,17 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+_MINE: set[str] = set()  # temporary names made by this process: in a container, a crashed run had our pid too
+
+
 def temp_path(final: Path) -> Path:
     """A fresh temporary name beside ``final`` that readers ignore and ``sweep`` recognizes."""
-    return final.parent / f".tmp-{final.name}-{os.getpid()}-{secrets.token_hex(4)}"
+    name = f".tmp-{final.name}-{os.getpid()}-{secrets.token_hex(4)}"
+    _MINE.add(name)
+    return final.parent / name
 
 
-def is_temp(name: str) -> bool:
-    return _TEMP.fullmatch(name) is not None
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes | memoryview) -> None:
     """Replace file ``path`` by ``data`` so that a reader, even after a crash, finds the old content or the new."""
     path = Path(path)
     tmp = temp_path(path)
@@ -70,14 +71,25 @@ def write_file(path: Path, chunks: Iterable[bytes | memoryview], hasher=None) ->
     return size
 
 
-def map_file(path: Path, size: int) -> mmap.mmap | bytes:
+def map_file(path: Path, size: int) -> mmap.mmap | bytes | bytearray:
     """The bytes of a file of known ``size``, mapped copy-on-write rather than read: hashing them and viewing
     them as tensors then costs no copy (writes to those tensors stay private to this process)."""
-    with open(path, "rb") as f:
+    with open(path, "rb", buffering=0) as f:
         found = os.fstat(f.fileno()).st_size
         if found != size:
             raise EOFError(f"{path}: {found} bytes, expected {size}")
-        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size else b""
+        if not size:
+            return b""
+        try:
+            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        except OSError:  # a file system that cannot map files: read them
+            buf = bytearray(size)
+            view, done = memoryview(buf), 0
+            while done < size and (n := f.readinto(view[done:])):
+                done += n
+            if done != size:
+                raise EOFError(f"{path}: shorter than its {size} bytes while reading") from None
+            return buf
 
 
 def remove_tree(path: Path) -> None:
@@ -107,7 +119,11 @@ def sweep(folder: Path, name: str | None = None) -> list[Path]:
         return removed
     for child in children:
         m = _TEMP.fullmatch(child.name)
-        if m is None or (name is not None and m["name"] != name) or _alive(int(m["pid"])):
+        if m is None or (name is not None and m["name"] != name):
+            continue
+        pid = int(m["pid"])
+        in_use = (child.name in _MINE) if pid == os.getpid() else _alive(pid)
+        if in_use:
             continue
         remove_quietly(child)
         removed.append(child)
@@ -115,8 +131,6 @@ def sweep(folder: Path, name: str | None = None) -> list[Path]:
 
 
 def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -126,18 +140,3 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return True
-
-
-def atomic_write_bytes(path: Path, data: bytes | memoryview) -> None:
-    """Replace the file ``path`` with ``data`` so readers see the old or the new content, never a part."""
-    path = Path(path)
-    tmp = temp_path(path)
-    try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        replace(tmp, path)
-    except BaseException:
-        remove_quietly(tmp)
-        raise

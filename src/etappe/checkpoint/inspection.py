@@ -33,7 +33,11 @@ def inspect(path: str | os.PathLike, *, trusted: bool = False) -> dict[str, Any]
     if path.is_file():
         return _inspect_file(path, trusted)
     body = manifest.read(path)
-    state = json.loads(bytes(manifest.read_verified(path, body["state"], body["files"][body["state"]])))
+    state_file = path / body["state"]
+    try:
+        entries = json.loads(bytes(manifest.read_verified(path, body["state"], body["files"][body["state"]])))["entries"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{state_file}: malformed checkpoint state ({type(e).__name__}: {e})") from None
     info: dict[str, Any] = {
         "path": str(path),
         "format": "etappe checkpoint",
@@ -42,17 +46,20 @@ def inspect(path: str | os.PathLike, *, trusted: bool = False) -> dict[str, Any]
         "files": [{"name": n, "bytes": f["size"]} for n, f in body["files"].items()],
         "entries": [],
     }
-    for name, e in state["entries"].items():
+    for name, e in entries.items():
         tensors = {}
         if "tensors" in e:
             file = path / e["tensors"]
-            if file.stat().st_size != body["files"][e["tensors"]]["size"]:
-                raise CheckpointError(f"{file}: size differs from the manifest's; run verify for details")
             try:
+                if file.stat().st_size != body["files"][e["tensors"]]["size"]:
+                    raise CheckpointError(f"{file}: size differs from the manifest's; run verify for details")
                 tensors = tensorfile.infos(file)
-            except (ValueError, OSError) as err:
-                raise CheckpointError(f"{file}: unreadable header: {err}") from None
-        value = codec.decode(e["data"], tensors)
+            except OSError as err:
+                raise CheckpointError(f"{file}: cannot read: {err.strerror}") from None
+        try:
+            value = codec.decode(e["data"], tensors)
+        except (ValueError, KeyError, TypeError) as err:
+            raise CheckpointError(f"{state_file}: malformed entry {name!r} ({type(err).__name__}: {err})") from None
         info["entries"].append(_describe(name, e["kind"], e.get("type"), value, e.get("parameters")))
     return info
 
@@ -60,7 +67,8 @@ def inspect(path: str | os.PathLike, *, trusted: bool = False) -> dict[str, Any]
 def format_inspection(info: Mapping[str, Any]) -> str:
     """``inspect``'s result as text: a heading, then each entry, tensors one per line as ``name\\tshape\\tdtype\\tsize``."""
     head = f"{info['path']}: {info['format']}"
-    facts = [f"{k.replace('_', ' ')} {info[k]}" for k in ("format_version", "etappe_version", "torch_version", "step") if k in info]
+    keys = ("format_version", "etappe_version", "torch_version", "step")
+    facts = [f"{k.replace('_', ' ')} {info[k]}" for k in keys if k in info]
     if "bytes" in info:
         facts.append(_size(info["bytes"]))
     lines = [head + (f" ({', '.join(facts)})" if facts else "")]
@@ -99,9 +107,12 @@ def _describe(name: str, kind: str, typ: str | None, value: Any, parameters: int
         groups = value.get("param_groups", [])
         if not typ:
             out["type"] = _guess_optimizer(groups)
-        out["param_groups"] = [{**{k: _plain(v) for k, v in g.items() if k != "params"}, "params": len(g.get("params", []))} for g in groups]
+        out["param_groups"] = [
+            {**{k: _plain(v) for k, v in g.items() if k != "params"}, "params": len(g.get("params", []))} for g in groups
+        ]
         tensors = _tensors_in(value.get("state", {}))
-        out["state"] = {"params": len(value.get("state", {})), "tensors": len(tensors), "bytes": sum(_tensor(t)["bytes"] for t in tensors)}
+        size = sum(_tensor(t)["bytes"] for t in tensors)
+        out["state"] = {"params": len(value.get("state", {})), "tensors": len(tensors), "bytes": size}
     elif kind == kinds.VALUE:
         out["value"] = _plain(value)
     else:

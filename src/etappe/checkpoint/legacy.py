@@ -16,6 +16,7 @@ import torch
 
 from etappe.checkpoint import kinds
 from etappe.checkpoint.errors import CheckpointError
+from etappe.errors import UsageError
 
 # A saved key, with these endings or in this table, also answers to the name on the right: load(f, model=net)
 # finds 'model_state_dict', 'state_dict' or 'model'; load(f, modelA=a) finds 'modelA_state_dict'.
@@ -42,7 +43,8 @@ def read(path: Path, *, trusted: bool = False) -> Any:
         culprit = re.search(r"GLOBAL (\S+)", str(e))
         if trusted or not (culprit or re.search(r"Unsupported (global|class)", str(e))):
             detail = re.search(r"WeightsUnpickler error:\s*(.+)", str(e))
-            raise CheckpointError(f"{path}: not a readable torch.save file: {detail[1] if detail else _first_line(e)}") from None
+            reason = detail[1] if detail else _first_line(e)
+            raise CheckpointError(f"{path}: not a readable torch.save file: {reason}") from None
         what = f" (it refers to {culprit[1]})" if culprit else ""
         raise CheckpointError(
             f"{path}: refused: opening it needs full unpickling{what}, which runs whatever code the file holds. "
@@ -70,7 +72,10 @@ def load(path: Path, objects: Mapping[str, Any], *, trusted: bool = False) -> di
     plan = {}
     for name, obj in objects.items():
         if not kinds.is_stateful(obj):
-            raise CheckpointError(f"cannot restore {name!r} into a {type(obj).__name__}: pass objects with load_state_dict()")
+            raise UsageError(
+                f"cannot restore {name!r} into a {type(obj).__name__}: pass objects with load_state_dict(); "
+                "plain values come back in load()'s result"
+            )
         key = _match(name, obj, found, taken=set(plan.values()))
         if key is None:
             raise CheckpointError(f"{path} has nothing for {name!r}; it holds: {', '.join(map(str, found))}")

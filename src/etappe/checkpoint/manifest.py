@@ -53,7 +53,7 @@ def write(folder: Path, files: dict[str, tuple[int, str]], state: str, meta: dic
     at = text.rindex(_SELF) + len(_SELF)
     text[at : at + _DIGITS] = checksum(text).encode()
     path = folder / name
-    fsio.write_file(path, [bytes(text)], new_hasher())
+    fsio.write_file(path, [bytes(text)])
     return path
 
 
@@ -79,7 +79,9 @@ def read(folder: Path) -> dict[str, Any]:
     data[at : at + _DIGITS] = b"0" * _DIGITS
     expected = checksum(data)
     if found != expected:
-        raise CheckpointError(f"{path}: manifest checksum mismatch (recorded {found}, content hashes to {expected}); the manifest is corrupt")
+        raise CheckpointError(
+            f"{path}: manifest checksum mismatch (recorded {found}, content hashes to {expected}); the manifest is corrupt"
+        )
     try:
         body = json.loads(bytes(data))
         ok = body.get("format") == FORMAT and isinstance(body.get("format_version"), int)
@@ -103,7 +105,7 @@ def read(folder: Path) -> dict[str, Any]:
     return body
 
 
-def read_verified(folder: Path, name: str, entry: dict[str, Any]) -> mmap.mmap | bytes:
+def read_verified(folder: Path, name: str, entry: dict[str, Any]) -> mmap.mmap | bytes | bytearray:
     """A listed file's bytes, checked against its size and checksum (the one pass over them before use)."""
     path = folder / name
     size = _checked_size(path, entry)

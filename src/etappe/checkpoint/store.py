@@ -33,8 +33,9 @@ class CheckpointStore:
     """The checkpoints of one run folder, with a retention policy.
 
     keep_last: keep the k highest steps. keep_best: keep the k best by metric ``monitor`` (``mode`` "min" or
-    "max"). keep_every: keep every step divisible by n, forever. A checkpoint kept by any rule stays; with no
-    rule given, all stay. Opening the store removes temporary folders left by crashed saves.
+    "max"). keep_every: keep every step divisible by n, forever. A checkpoint kept by any rule stays, and so does
+    the one just saved; with no rule given (all None), all stay. Opening the store removes temporary folders
+    left by crashed saves.
     """
 
     def __init__(
@@ -47,9 +48,10 @@ class CheckpointStore:
         mode: str = "min",
         keep_every: int | None = None,
     ) -> None:
-        for name, value in (("keep_last", keep_last), ("keep_best", keep_best), ("keep_every", keep_every)):
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise UsageError(f"{name} must be a positive whole number or None, got {value!r}")
+        rules = (("keep_last", keep_last, 0), ("keep_best", keep_best, 0), ("keep_every", keep_every, 1))
+        for name, value, least in rules:
+            if value is not None and (not isinstance(value, int) or value < least):
+                raise UsageError(f"{name} must be a whole number >= {least} or None, got {value!r}")
         if mode not in ("min", "max"):
             raise UsageError(f"mode must be 'min' or 'max', got {mode!r}")
         if keep_best is not None and monitor is None:
@@ -142,7 +144,7 @@ class CheckpointStore:
         committed = self.checkpoints()
         keep = {newest}
         if self.keep_last is not None:
-            keep |= {c.step for c in committed[-self.keep_last :]}
+            keep |= {c.step for c in committed[len(committed) - self.keep_last :]}
         if self.keep_best is not None:
             keep |= {c.step for c in self._ranked(committed)[: self.keep_best]}
         if self.keep_every is not None:

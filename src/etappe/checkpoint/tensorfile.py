@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from etappe.checkpoint.errors import CheckpointError
+
 _CODES = {
     "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
     "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
@@ -101,24 +103,28 @@ def _prepare(t: torch.Tensor) -> tuple[memoryview | bytes, str, list[int], int, 
 
 def _header(first8: bytes, read, size: int, where: Path) -> tuple[dict, int]:
     if len(first8) != 8:
-        raise ValueError(f"{where}: too short for a safetensors file ({size} bytes)")
+        raise CheckpointError(f"{where}: too short for a safetensors file ({size} bytes)")
     (n,) = struct.unpack("<Q", first8)
     if 8 + n > size:
-        raise ValueError(f"{where}: safetensors header of {n} bytes does not fit in {size} bytes")
-    header = json.loads(bytes(read(n)))
+        raise CheckpointError(f"{where}: safetensors header of {n} bytes does not fit in {size} bytes")
+    try:
+        header = json.loads(bytes(read(n)))
+        offsets = {name: info["data_offsets"] for name, info in header.items() if name != "__metadata__"}
+    except (ValueError, TypeError, KeyError) as e:
+        raise CheckpointError(f"{where}: malformed safetensors header: {e}") from None
     base = 8 + n
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        start, end = info["data_offsets"]
+    for name, (start, end) in offsets.items():
         if not 0 <= start <= end <= size - base:
-            raise ValueError(f"{where}: tensor {name!r} at bytes {start}..{end} lies outside the file")
+            raise CheckpointError(f"{where}: tensor {name!r} at bytes {start}..{end} lies outside the file")
     return header, base
 
 
 def _raw_of(header: dict, where: Path) -> dict:
     meta = header.pop("__metadata__", None) or {}
-    return json.loads(meta.get(_RAW, "{}"))
+    try:
+        return json.loads(meta.get(_RAW, "{}"))
+    except ValueError as e:
+        raise CheckpointError(f"{where}: malformed {_RAW} metadata: {e}") from None
 
 
 def _real(name: str, info: dict, raw: dict, where: Path) -> tuple[torch.dtype, tuple[int, ...]]:
@@ -129,11 +135,14 @@ def _real(name: str, info: dict, raw: dict, where: Path) -> tuple[torch.dtype, t
         dtype = _DTYPE_OF_CODE.get(info["dtype"])
         shape = tuple(info["shape"])
     if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"{where}: tensor {name!r} has dtype {info['dtype']!r}, which this torch does not have")
+        raise CheckpointError(f"{where}: tensor {name!r} has dtype {info['dtype']!r}, which this torch does not have")
     start, end = info["data_offsets"]
     numel = 1
     for d in shape:
         numel *= d
     if numel * dtype.itemsize != end - start:
-        raise ValueError(f"{where}: tensor {name!r} of shape {list(shape)} {dtype} needs {numel * dtype.itemsize} bytes, the file has {end - start}")
+        raise CheckpointError(
+            f"{where}: tensor {name!r} of shape {list(shape)} {dtype} needs {numel * dtype.itemsize} bytes, "
+            f"the file has {end - start}"
+        )
     return dtype, shape
