@@ -19,6 +19,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from etappe.checkpoint.fsio import replace
 from etappe.data.idx import read_idx
 from etappe.errors import DataError, UsageError
 
@@ -233,7 +234,7 @@ def download(name: str, target: Path) -> None:
                     os.unlink(tmp.name)
                     errors.append(f"{base}: md5 {digest}, expected {md5}")
                     continue
-                os.rename(tmp.name, target / filename)
+                replace(Path(tmp.name), target / filename)
                 break
             except (urllib.error.URLError, OSError) as exc:
                 errors.append(f"{base}: {exc}")
