@@ -24,6 +24,7 @@ import shutil
 import tempfile
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -181,6 +182,7 @@ def main() -> None:
         return write_thread(reused, fresh("reuse.safetensors"))
 
     dcp_note = None
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled")
     try:
         import torch.distributed.checkpoint as dcp
 

@@ -58,7 +58,7 @@ def assert_same_run(a: dict, b: dict) -> None:
         assert a["progress"][key] == b["progress"][key], key
     strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]  # noqa: E731
     assert strip(a["history"]["epochs"]) == strip(b["history"]["epochs"])
-    compare(a["rng"]["torch"], b["rng"]["torch"], "rng.torch")
+    compare(a["per_rank"]["ranks"], b["per_rank"]["ranks"], "per_rank")
 
 
 def start(args: list[str], cwd: Path) -> subprocess.Popen:
@@ -153,7 +153,6 @@ def test_sigterm_and_sigint_save_the_current_step_and_exit_75(signum, references
     assert "resume with: etappe resume" in stderr and "Traceback" not in stderr
     saved_step = int(stderr.split("saved step ")[1].split()[0])
     assert load(CheckpointStore(run_dir / "checkpoints").latest())["progress"]["step"] == saved_step
-    assert saved_step % 7 != 0 or saved_step % 90 == 0 or True  # any step: the save is at the signal, not a cadence
     resumed = run_cli("resume", "run", "--quiet", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert_same_run(final_state(run_dir), references["cnn"])

@@ -139,6 +139,7 @@ def _resume(run_dir: Path, args: argparse.Namespace) -> int:
 
     saved = _saved_config(run_dir)
     saved.pop("data_spec", None)
+    saved.pop("quiet", None)  # how much to print is this invocation's choice, not the run's
     saved["run_dir"] = str(run_dir)
     config, _ = _config_from_args(args, base=saved)
     differences = config_differences(saved, config.to_dict())
@@ -167,14 +168,21 @@ def _train(config: TrainConfig, allow_config_change: bool) -> int:
         if not config.quiet:
             print(f"Training {config.model} on {config.data} ({len(run.data.train)} train / {len(run.data.test)} test "
                   f"samples) on {trainer.device}; run folder {run_dir}", flush=True)
-    trainer.fit(config.epochs)
-    if trainer.main:
-        result = evaluate(trainer.models["model"], run.data.test, run.loss_fn)
-        weights = run_dir / "model.safetensors"
-        _save_weights(trainer.models["model"], weights)
-        acc = f" | test accuracy {100 * result['accuracy']:.2f}%" if "accuracy" in result else ""
-        print(f"Test loss {result['loss']:.4f}{acc} ({result['samples']} samples) | weights {weights} | "
-              f"{time.perf_counter() - start:.1f} s", flush=True)
+    from etappe import distributed
+
+    clean = False
+    try:
+        trainer.fit(config.epochs)
+        if trainer.main:
+            result = evaluate(trainer.models["model"], run.data.test, run.loss_fn)
+            weights = run_dir / "model.safetensors"
+            _save_weights(trainer.models["model"], weights)
+            acc = f" | test accuracy {100 * result['accuracy']:.2f}%" if "accuracy" in result else ""
+            print(f"Test loss {result['loss']:.4f}{acc} ({result['samples']} samples) | weights {weights} | "
+                  f"{time.perf_counter() - start:.1f} s", flush=True)
+        clean = True
+    finally:
+        distributed.shutdown(clean)
     return 0
 
 
@@ -367,6 +375,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _is_main_process() -> bool:
+    """Under torchrun, only rank 0 reports (every rank meets the same expected failure)."""
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -379,7 +394,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.handler(args)
     except EtappeError as exc:
-        print(f"etappe: error: {exc}", file=sys.stderr)
+        if _is_main_process():
+            print(f"etappe: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("etappe: interrupted", file=sys.stderr)

@@ -56,6 +56,28 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     return t.tolist()
 
 
-def shutdown() -> None:
+def shutdown(clean: bool = True) -> None:
+    """Leave the process group. After a clean finish the ranks leave together (one that leaves while the others
+    still talk to it can hang them); after a failure this rank just goes, and torchrun stops the rest."""
     if dist.is_available() and dist.is_initialized():
+        if clean:
+            dist.barrier()
         dist.destroy_process_group()
+
+
+def all_gather_object(obj: object) -> list:
+    """Every rank's ``obj``, in rank order (a list of one outside a process group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def any_rank(*flags: bool) -> list[bool]:
+    """For each flag, whether it is true on any rank, so every rank takes the same branch."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return list(flags)
+    t = torch.tensor([float(f) for f in flags])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]

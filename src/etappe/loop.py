@@ -32,7 +32,7 @@ from etappe.config import config_differences
 from etappe.data.sampler import EpochBatchSampler, ResumableBatches
 from etappe.data.sets import TensorData
 from etappe.errors import EtappeError, TrainingError, UsageError
-from etappe.state import History, Progress, RNGState, unwrap
+from etappe.state import History, PerRank, Progress, unwrap
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: the run stopped cleanly and can be resumed
 
@@ -259,7 +259,8 @@ class Trainer:
             self.train_data = train_data.to(self.device) if self.device.type == "cuda" else train_data
             check_shapes(unwrap(self.model), train_data, num_outputs)
 
-        self.progress, self.history, self.rng = Progress(), History(), RNGState()
+        self.progress, self.history = Progress(), History()
+        self.per_rank = PerRank(self.progress, self.rank, self.world_size)
         self.config = dict(config) if config else {}
         self.allow_config_change = allow_config_change
         self.save_every, self.save_every_seconds = save_every, save_every_seconds
@@ -327,7 +328,7 @@ class Trainer:
     # ------------------------------------------------------------ state
 
     def state_objects(self) -> dict[str, Any]:
-        """Everything a checkpoint holds, by name. RNG last: captured after the rest, restored last."""
+        """Everything a checkpoint holds, by name. The per-rank part (random state) last: restored last."""
         objects: dict[str, Any] = {}
         for name, m in self.models.items():
             objects[name] = unwrap(m)
@@ -335,14 +336,15 @@ class Trainer:
         objects.update(self.schedulers)
         objects["progress"] = self.progress
         objects["history"] = self.history
-        objects["rng"] = self.rng
+        objects["per_rank"] = self.per_rank
         return objects
 
     def save(self, metrics: Mapping[str, float] | None = None) -> Path | None:
         if self.store is None:
             return None
-        if self.world_size > 1:
-            distributed.barrier()
+        # Every rank's part (random state, epoch sums) is gathered into the one checkpoint that rank 0 commits,
+        # after all ranks reached this point, so a committed checkpoint holds every rank's part.
+        self.per_rank.capture(distributed.all_gather_object(self.per_rank.mine()))
         path = None
         if self.main:
             try:
@@ -379,6 +381,11 @@ class Trainer:
             for sched in self.schedulers.values():
                 if hasattr(sched, "base_lrs"):
                     sched.base_lrs = [self.config["lr"]] * len(sched.base_lrs)
+        if self.per_rank.world_size_changed and self.main:
+            log.warn(
+                f"{path} was written by another number of ranks than the {self.world_size} resuming it: training "
+                "continues from it, but not bit-exact (the random states per rank differ)"
+            )
         self.resumed_from = Path(path)
         return self.resumed_from
 
@@ -409,16 +416,20 @@ class Trainer:
                         p.extra_sums_in_epoch[k] = p.extra_sums_in_epoch.get(k, 0.0) + v * n
                     p.seconds_in_epoch = time.perf_counter() - epoch_start
                     bar.update(p, self.world_size)
-                    if preempt["signal"] is not None:
+                    stop = preempt["signal"] is not None
+                    due = bool(self.save_every and p.step % self.save_every == 0) or bool(
+                        self.save_every_seconds and time.monotonic() - last_save_time >= self.save_every_seconds
+                    )
+                    if self.world_size > 1:  # every rank must take the same branch: saves are collective
+                        stop, due = distributed.any_rank(stop, due)
+                    if stop:
                         bar.close()
                         path = self.save()
                         raise Preempted(
-                            f"{preempt['signal']} received: saved step {p.step} to {path}; "
+                            f"{preempt['signal'] or 'a signal on another rank'} received: saved step {p.step} to {path}; "
                             f"resume with: etappe resume {self.run_dir}"
                         )
-                    if (self.save_every and p.step % self.save_every == 0) or (
-                        self.save_every_seconds and time.monotonic() - last_save_time >= self.save_every_seconds
-                    ):
+                    if due:
                         self.save()
                         last_save_time = time.monotonic()
                 bar.close()

@@ -103,6 +103,50 @@ class RNGState:
             torch.cuda.set_rng_state_all(cuda_states)
 
 
+class PerRank:
+    """What differs between the ranks of a run: each one's random state and its running sums of the epoch in
+    progress. The trainer gathers every rank's part (``capture``) just before rank 0 commits a checkpoint; on load
+    each rank restores its own. A checkpoint from another number of ranks still resumes (rank 0 takes the summed
+    epoch totals, every rank the random state of its own rank or of rank 0), but no longer bit-exact."""
+
+    def __init__(self, progress: Progress, rank: int = 0, world_size: int = 1) -> None:
+        self.progress, self.rank, self.world_size = progress, rank, world_size
+        self.states: list[dict] = []
+        self.world_size_changed = False
+
+    def mine(self) -> dict:
+        p = self.progress
+        return {
+            "rng": RNGState().state_dict(),
+            "samples_in_epoch": p.samples_in_epoch,
+            "loss_sum_in_epoch": p.loss_sum_in_epoch,
+            "extra_sums_in_epoch": dict(p.extra_sums_in_epoch),
+        }
+
+    def capture(self, gathered: list[dict]) -> None:
+        self.states = gathered
+
+    def state_dict(self) -> dict:
+        return {"ranks": self.states}
+
+    def load_state_dict(self, state: dict) -> None:
+        ranks = state["ranks"]
+        self.world_size_changed = len(ranks) != self.world_size
+        own = ranks[self.rank] if self.rank < len(ranks) else ranks[0]
+        p = self.progress
+        if not self.world_size_changed:
+            p.samples_in_epoch, p.loss_sum_in_epoch = own["samples_in_epoch"], own["loss_sum_in_epoch"]
+            p.extra_sums_in_epoch = dict(own["extra_sums_in_epoch"])
+        elif self.rank == 0:
+            p.samples_in_epoch = sum(r["samples_in_epoch"] for r in ranks)
+            p.loss_sum_in_epoch = sum(r["loss_sum_in_epoch"] for r in ranks)
+            p.extra_sums_in_epoch = {k: sum(r["extra_sums_in_epoch"].get(k, 0.0) for r in ranks)
+                                     for k in ranks[0]["extra_sums_in_epoch"]}
+        else:
+            p.samples_in_epoch, p.loss_sum_in_epoch, p.extra_sums_in_epoch = 0, 0.0, {}
+        RNGState().load_state_dict(own["rng"])
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (all devices) from one number."""
     random.seed(seed)

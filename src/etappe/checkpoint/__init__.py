@@ -2,7 +2,8 @@
 retention, safe reading of plain torch.save files, and inspection.
 
     save(path, **objects)                 load(path, *, trusted=False, **objects)      verify(path)
-    CheckpointStore(root, keep_last=..., keep_best=..., monitor=..., mode=..., keep_every=...)
+    CheckpointStore(root, keep_last=..., keep_best=..., monitor=..., mode=..., keep_every=..., async_save=False)
+        .save(step, objects, metrics)  .latest()  .best()  .load()  .checkpoints()  .wait()  .close()
     inspect(path) / format_inspection(info)      verify_tree(path)
 """
 

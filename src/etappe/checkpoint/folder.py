@@ -67,7 +67,11 @@ def verify(path: str | os.PathLike) -> None:
 
 def write(path: Path, objects: Mapping[str, Any], meta: Mapping[str, Any] | None = None) -> Path:
     """``save`` for callers with a mapping of objects and extra manifest fields (the store's step and metrics)."""
-    encoded = _encode(objects)  # before touching the disk: state_dict() or an unsupported value may raise
+    return write_encoded(path, encode(objects), meta)  # encoded before touching the disk: state_dict() may raise
+
+
+def write_encoded(path: Path, encoded: Mapping[str, tuple[dict, dict]], meta: Mapping[str, Any] | None = None) -> Path:
+    """``write`` of objects already turned into ``encode``'s records and tensors (by the store's async save)."""
     old_files = None
     if (path / manifest.MANIFEST).exists():
         try:
@@ -137,8 +141,9 @@ def _owned(value: Any, copies: dict[int, torch.Tensor]) -> Any:
     return value
 
 
-def _encode(objects: Mapping[str, Any]) -> dict[str, tuple[dict, dict]]:
-    """{entry: (state.json record, tensors)}; calls each object's state_dict() once."""
+def encode(objects: Mapping[str, Any]) -> dict[str, tuple[dict, dict[str, torch.Tensor]]]:
+    """{entry: (state.json record, tensors)}; calls each object's state_dict() once. The records are new JSON-able
+    trees; the tensors are detached views of the objects' own memory."""
     out = {}
     for name, obj in objects.items():
         if not isinstance(name, str) or not _ENTRY_NAME.fullmatch(name):

@@ -2,6 +2,10 @@
 
 Each checkpoint is ``<root>/step-<step>``. Retention runs only after a save has committed, deletes by
 renaming a checkpoint out of sight before removing it, and always keeps the checkpoint just saved.
+
+With ``async_save=True``, ``save`` copies the state into reused memory and returns; one background thread writes
+it with the same commit and then applies retention. Readers (``latest``, ``checkpoints``, ``load``) see only
+committed checkpoints and do not wait; ``wait()`` does.
 """
 
 import math
@@ -13,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from etappe.checkpoint import codec, folder, fsio, manifest
+from etappe.checkpoint import background, codec, folder, fsio, manifest
 from etappe.checkpoint.errors import CheckpointError, CheckpointWarning
 from etappe.errors import UsageError
 
@@ -36,6 +40,9 @@ class CheckpointStore:
     "max"). keep_every: keep every step divisible by n, forever. A checkpoint kept by any rule stays, and so does
     the one just saved; with no rule given (all None), all stay. Opening the store removes temporary folders
     left by crashed saves.
+
+    async_save: ``save`` snapshots the state and returns at once; a background thread writes and commits it.
+    A store is used from one thread (the trainer's); call ``wait()`` before exiting or reading what was saved.
     """
 
     def __init__(
@@ -47,6 +54,7 @@ class CheckpointStore:
         monitor: str | None = None,
         mode: str = "min",
         keep_every: int | None = None,
+        async_save: bool = False,
     ) -> None:
         rules = (("keep_last", keep_last, 0), ("keep_best", keep_best, 0), ("keep_every", keep_every, 1))
         for name, value, least in rules:
@@ -59,23 +67,53 @@ class CheckpointStore:
         self.root = Path(root)
         self.keep_last, self.keep_best, self.keep_every = keep_last, keep_best, keep_every
         self.monitor, self.mode = monitor, mode
+        self.async_save = bool(async_save)
+        self._pool = background.SnapshotPool()
+        self._writer = background.Writer()
         fsio.sweep(self.root)
 
     def path_for(self, step: int) -> Path:
         return self.root / f"step-{step:08d}"
 
     def save(self, step: int, objects: Mapping[str, Any], metrics: Mapping[str, float] | None = None) -> Path:
-        """Save ``objects`` (by name, as for ``save``) as the checkpoint of ``step``, then apply retention."""
+        """Save ``objects`` (by name, as for ``save``) as the checkpoint of ``step``, then apply retention; return
+        the checkpoint's path.
+
+        With ``async_save``, first wait for the save in flight (raising its failure, if it failed, instead of
+        saving: call again to retry), then take everything the checkpoint will hold (state_dicts, plain values,
+        a copy of every tensor) and return; the checkpoint is committed when ``wait()`` returns.
+        """
         if not isinstance(step, int) or step < 0:
             raise UsageError(f"step must be a whole number >= 0, got {step!r}")
         metrics = {k: float(v) for k, v in (metrics or {}).items()}
         path = self.path_for(step)
+        meta = {"step": step, "metrics": codec.encode(metrics, "metrics")[0]}
+        if not self.async_save:
+            self._commit(path, folder.encode(objects), meta, step)
+            return path
+        self._writer.wait(clear=True)  # one writer per store; the pool is free again once it is done
+        snapshot = self._pool.snapshot(folder.encode(objects))
+        self._writer.start(lambda: self._commit(path, snapshot, meta, step), path)
+        return path
+
+    def wait(self) -> Path | None:
+        """Block until the background save in flight is committed and pruned; return the last checkpoint saved in
+        the background (None if there was none). Raises CheckpointError if that save failed; it is raised again
+        by every ``wait()`` and by the next ``save()``. Returns at once for a store that saves synchronously."""
+        return self._writer.wait()
+
+    def close(self) -> Path | None:
+        """``wait()``, then free the memory async saves copy into (the next save allocates it again)."""
+        try:
+            return self.wait()
+        finally:
+            self._pool.clear()
+
+    def _commit(self, path: Path, encoded: dict, meta: dict, step: int) -> None:
         if path.exists() and not (path / manifest.MANIFEST).exists():
             fsio.remove_tree(path)  # an uncommitted leftover at this step: nothing in it was ever valid
-        meta = {"step": step, "metrics": codec.encode(metrics, "metrics")[0]}
-        folder.write(path, objects, meta)
+        folder.write_encoded(path, encoded, meta)
         self._prune(newest=step)
-        return path
 
     def checkpoints(self) -> list[Checkpoint]:
         """The committed checkpoints, by step (their manifests read; their data files are not checked here)."""
@@ -108,6 +146,8 @@ class CheckpointStore:
             try:
                 entries = folder.read(candidate)
             except CheckpointError as e:
+                if not candidate.exists():
+                    continue  # pruned meanwhile by a background save
                 warnings.warn(f"skipping checkpoint {candidate}: {e}", CheckpointWarning, stacklevel=2)
                 continue
             return folder.restore(candidate, entries, objects)
@@ -126,6 +166,8 @@ class CheckpointStore:
             try:
                 folder.verify(path)
             except CheckpointError as e:
+                if not path.exists():
+                    continue  # pruned meanwhile by a background save
                 warnings.warn(f"skipping checkpoint {path}: {e}", CheckpointWarning, stacklevel=3)
                 continue
             yield path

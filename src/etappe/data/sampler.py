@@ -17,8 +17,9 @@ import torch
 class ResumableBatches:
     """Index batches for one epoch at a time, resumable at any batch.
 
-    ``batch_size`` is the per-rank batch size; a global batch holds
-    ``batch_size * world_size`` samples.
+    ``batch_size`` is the global batch size: with several ranks each takes a
+    slice of it (sizes differ by at most one), so a run means the same thing,
+    and its position transfers, whatever the number of ranks.
     """
 
     def __init__(
@@ -32,18 +33,14 @@ class ResumableBatches:
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if batch_size < world_size:
+            raise ValueError(f"the batch size ({batch_size}) must be at least the number of ranks ({world_size})")
         self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
         self.shuffle, self.drop_last, self.rank, self.world_size = shuffle, drop_last, rank, world_size
 
-    @property
-    def global_batch_size(self) -> int:
-        return self.batch_size * self.world_size
-
     def __len__(self) -> int:
         """Batches in one epoch (per rank; the same on every rank)."""
-        full, rest = divmod(self.num_samples, self.global_batch_size)
+        full, rest = divmod(self.num_samples, self.batch_size)
         return full if self.drop_last or rest == 0 else full + 1
 
     def order(self, epoch: int) -> torch.Tensor:
@@ -55,9 +52,9 @@ class ResumableBatches:
     def batches(self, epoch: int, start: int = 0) -> Iterator[torch.Tensor]:
         """This rank's index batches of ``epoch``, beginning at batch ``start`` (skipped batches are never read)."""
         order = self.order(epoch)
-        gbs = self.global_batch_size
+        size = self.batch_size
         for b in range(start, len(self)):
-            global_batch = order[b * gbs : (b + 1) * gbs]
+            global_batch = order[b * size : (b + 1) * size]
             yield torch.tensor_split(global_batch, self.world_size)[self.rank]
 
 

@@ -1,0 +1,116 @@
+"""Async save's two parts: a pool of CPU tensors that snapshots a checkpoint's tensors at call time, and a writer
+that runs one save at a time in a background thread and keeps its failure until someone is told.
+
+The pool allocates on the first save and is reused after: copying into memory already faulted in runs ~4x
+faster than into fresh memory (~10 GB/s against ~2.8 GB/s here), and the copy is all the caller waits for.
+"""
+
+import os
+import sys
+import threading
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import torch
+
+from etappe.checkpoint.errors import CheckpointError
+
+# The writer thread's nice value (Linux sets it per thread). Training threads then win the CPU whenever they want
+# it; the write proceeds in their gaps (Python work, data loading, waits), and still at full speed when they idle.
+NICE = 10
+
+
+class SnapshotPool:
+    """CPU tensors keyed by (entry, tensor name, shape, dtype), reused from one save to the next."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple, torch.Tensor] = {}
+
+    def snapshot(self, encoded: Mapping[str, tuple[dict, dict[str, torch.Tensor]]]) -> dict[str, tuple[dict, dict]]:
+        """``encoded`` (``folder.encode``'s records and tensors) with every tensor replaced by a copy in the pool.
+
+        Buffers the new state does not use are freed before new ones are allocated, so the pool never holds
+        more than one copy of the state. The copies must not be written to by anyone else until the write of
+        this snapshot has finished: the next snapshot reuses them.
+        """
+        keys = {entry: {name: (entry, name, tuple(t.shape), t.dtype) for name, t in tensors.items()}
+                for entry, (_, tensors) in encoded.items()}
+        wanted = {key for names in keys.values() for key in names.values()}
+        self._buffers = {key: buf for key, buf in self._buffers.items() if key in wanted}
+        out = {}
+        for entry, (record, tensors) in encoded.items():
+            copies = {}
+            for name, t in tensors.items():
+                key = keys[entry][name]
+                buf = self._buffers.get(key)
+                if buf is None:
+                    buf = self._buffers[key] = torch.empty(key[2], dtype=key[3])
+                buf.copy_(t)  # also resolves conjugate and negative views, and brings device tensors to the CPU
+                copies[name] = buf
+            out[entry] = (record, copies)
+        return out
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self._buffers.values())
+
+    def clear(self) -> None:
+        self._buffers = {}
+
+
+class Writer:
+    """Runs one ``work()`` at a time in a background thread; ``wait`` joins it and raises its failure."""
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._failure: tuple[str, BaseException] | None = None
+        self._done: Path | None = None
+
+    def start(self, work: Callable[[], None], path: Path) -> None:
+        """Run ``work`` (which writes checkpoint ``path``) in a new thread; the previous one must be waited for.
+
+        The thread is not a daemon: a program that ends without waiting still finishes the write at exit.
+        """
+        if self._thread is not None:
+            raise RuntimeError("a background write is still in flight: wait() for it first")
+        self._thread = threading.Thread(target=self._run, args=(work, path), name=f"etappe-save-{path.name}")
+        self._thread.start()
+
+    def busy(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def wait(self, *, clear: bool = False) -> Path | None:
+        """Block until the write in flight has finished; return the last checkpoint committed in the background
+        (None before the first). Raise CheckpointError if the last write failed, every time until a call with
+        ``clear=True`` has raised it."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._failure is not None:
+            message, cause = self._failure
+            if clear:
+                self._failure = None
+            raise CheckpointError(message) from cause
+        return self._done
+
+    def _run(self, work: Callable[[], None], path: Path) -> None:
+        _lower_priority()
+        try:
+            work()
+        except BaseException as e:  # noqa: BLE001 -- kept and raised by wait(); nothing escapes unreported
+            if isinstance(e, CheckpointError):  # names the path already
+                self._failure = (f"background save failed: {e}", e)
+            else:
+                self._failure = (f"background save of {path} failed: {type(e).__name__}: {e}", e)
+        else:
+            self._done = path
+
+
+def _lower_priority() -> None:
+    """Give the calling thread (only it, on Linux) a higher nice value; elsewhere leave it as it is."""
+    if sys.platform != "linux":  # elsewhere a thread id is not a pid: setpriority would hit another process
+        return
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, max(os.getpriority(os.PRIO_PROCESS, tid), NICE))
+    except OSError:
+        pass
