@@ -153,3 +153,19 @@ def test_unwritable_run_folder_fails_before_training(tmp_path):
     with pytest.raises(EtappeError, match="cannot write to the run folder"):
         Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), nn.CrossEntropyLoss(),
                 train_data=small_classification(), run_dir=blocker / "run", progress=False, quiet=True)
+
+
+def test_early_stopping_stops_and_stays_stopped_on_resume(tmp_path):
+    data = small_classification(n=32)
+
+    def trainer():
+        torch.manual_seed(0)
+        model = nn.Linear(4, 3)
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)  # nothing improves
+        return Trainer(model, opt, nn.CrossEntropyLoss(), train_data=data, val_data=data, batch_size=8,
+                       patience=2, run_dir=tmp_path / "run", progress=False, quiet=True)
+
+    history = trainer().fit(10)
+    assert len(history) == 3  # best at epoch 1, then two epochs without improvement
+    again = trainer()
+    assert len(again.fit(10)) == 3 and again.progress.finished and again.progress.epochs_without_improvement == 2

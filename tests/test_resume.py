@@ -54,7 +54,7 @@ def assert_same_run(a: dict, b: dict) -> None:
 
     compare(a["model"], b["model"], "model")
     compare(a["optimizer"], b["optimizer"], "optimizer")
-    for key in ("epoch", "step", "batches_done_in_epoch"):
+    for key in ("epoch", "step", "batches_done_in_epoch", "best_metric", "epochs_without_improvement"):
         assert a["progress"][key] == b["progress"][key], key
     strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]  # noqa: E731
     assert strip(a["history"]["epochs"]) == strip(b["history"]["epochs"])

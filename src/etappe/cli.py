@@ -239,9 +239,15 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from etappe.checkpoint import format_inspection, inspect
+    from etappe.checkpoint import CheckpointStore, format_inspection, inspect
 
-    info = inspect(args.path, trusted=args.trust)
+    path = Path(args.path)
+    if (path / "checkpoints").is_dir():  # a run folder: its newest valid checkpoint
+        latest = CheckpointStore(path / "checkpoints").latest()
+        if latest is None:
+            raise EtappeError(f"{path} holds no valid checkpoint; check it with: etappe verify {path}")
+        path = latest
+    info = inspect(path, trusted=args.trust)
     if args.json:
         import json
 
@@ -397,6 +403,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if _is_main_process():
             print(f"etappe: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except BrokenPipeError:  # the reader went away (| head): nothing more to say
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print("etappe: interrupted", file=sys.stderr)
         return 130

@@ -399,6 +399,10 @@ class Trainer:
             log.info(f"Resuming {self.run_dir} from step {p.step} (epoch {p.epoch + 1}, batch {p.batches_done_in_epoch})")
         writer = log.tensorboard_writer(self.run_dir, self.progress.epoch) if self.tensorboard and self.main else None
         p = self.progress
+        if p.finished:
+            if not self.quiet:
+                log.info(f"{self.run_dir} stopped early after epoch {p.epoch} ({self.monitor} no longer improved)")
+            return self.history
         last_save_time = time.monotonic()
         with preemption_guard() as preempt:
             while p.epoch < epochs:
@@ -436,9 +440,11 @@ class Trainer:
                 row = self._end_epoch(epochs)
                 if writer is not None:
                     log.tensorboard_row(writer, row)
+                stop_early = self._should_stop_early(row)  # before the save, so the checkpoint holds its count
+                p.finished = stop_early
                 self.save({k: v for k, v in row.items() if isinstance(v, (int, float))})
                 last_save_time = time.monotonic()
-                if self._should_stop_early(row):
+                if stop_early:
                     if not self.quiet:
                         log.info(f"Stopping early: {self.monitor} has not improved for {self.patience} epochs")
                     break
