@@ -281,6 +281,9 @@ class Trainer:
             )
         self.tensorboard = tensorboard
         self.resumed_from: Path | None = None
+        if not self.deterministic and self.main and not self.quiet:
+            log.warn("deterministic algorithms are off (the default on CUDA): a resumed run will be close to, not "
+                     "bit-identical with, an uninterrupted one; pass --deterministic for exactness")
 
     # ------------------------------------------------------------ data
 

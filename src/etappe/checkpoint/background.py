@@ -50,9 +50,6 @@ class SnapshotPool:
             out[entry] = (record, copies)
         return out
 
-    def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self._buffers.values())
-
     def clear(self) -> None:
         self._buffers = {}
 
@@ -74,9 +71,6 @@ class Writer:
             raise RuntimeError("a background write is still in flight: wait() for it first")
         self._thread = threading.Thread(target=self._run, args=(work, path), name=f"etappe-save-{path.name}")
         self._thread.start()
-
-    def busy(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
 
     def wait(self, *, clear: bool = False) -> Path | None:
         """Block until the write in flight has finished; return the last checkpoint committed in the background
