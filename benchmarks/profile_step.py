@@ -26,6 +26,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--model", default="cnn", choices=("cnn", "mlp"))
     p.add_argument("--torch-profiler", action="store_true")
+    p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     import torch
     from torch import nn
@@ -34,7 +35,7 @@ def main() -> None:
     from etappe.data import ResumableBatches, TensorData, load_dataset
     from etappe.loop import Trainer
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     steps = args.steps or (900 if args.full else 200)
     repeats = args.repeats or 5
     bs, opt_name = (64, "adam") if args.model == "cnn" else (32, "sgd")
@@ -54,7 +55,10 @@ def main() -> None:
         seconds, _ = common.timed(lambda: t.fit(1))
         return seconds / steps
 
-    staged_sums: list[dict[str, float]] = []
+    class StepTime(float):
+        """Seconds per step that also carries the per-stage seconds of its run (``parts``)."""
+
+        parts: dict[str, float]
 
     def staged() -> float:
         torch.use_deterministic_algorithms(True)
@@ -80,17 +84,22 @@ def main() -> None:
             for k, a, b in zip(STAGES, (t0, t1, t2, t3, t4), (t1, t2, t3, t4, t5)):
                 sums[k] += b - a
         total = clock() - start
-        staged_sums.append({k: v / steps for k, v in sums.items()} | {"between": (total - sum(sums.values())) / steps})
-        return total / steps
+        result = StepTime(total / steps)
+        result.parts = {k: v / steps for k, v in sums.items()} | {"between": (total - sum(sums.values())) / steps}
+        return result
 
     trainer(), staged()  # warm-up
-    staged_sums.clear()
     rounds = common.Rounds()
     figures = common.alternate({"trainer": trainer, "staged": staged}, repeats, rounds=rounds)
+    # Shares are taken within each round (stages of the staged run over that run's total; the loop overhead as
+    # (trainer - staged) / trainer of the same round), then the median over rounds: on a busy machine absolute
+    # times from different rounds do not add up.
     per_step = common.median(figures["trainer"])
-    parts = {k: common.median(s[k] for s in staged_sums) for k in (*STAGES, "between")}
-    overhead = common.median(a - b for a, b in zip(figures["trainer"], figures["staged"]))
+    overhead = common.median((a - b) / a for a, b in zip(figures["trainer"], figures["staged"]))
+    parts = {k: (1 - overhead) * common.median(t.parts[k] / t for t in figures["staged"])
+             for k in (*STAGES, "between")}
     parts["loop overhead"] = overhead
+    parts = {k: v * per_step for k, v in parts.items()}
     rows = [[k, v * 1e3, 100 * v / per_step] for k, v in parts.items()]
     rows.append(["trainer step (total)", per_step * 1e3, 100.0])
     common.table(f"one {args.model} step, batch {bs}, {opt_name}, ms (median of {repeats} rounds of {steps} steps)",
