@@ -236,3 +236,15 @@ def test_user_script_with_own_model_and_dataset_resumes_exactly(tmp_path, worker
     finished = subprocess.run([*cmd, str(run_dir), str(workers)], capture_output=True, text=True)
     assert finished.returncode == 0, finished.stderr
     assert_same_run(final_state(run_dir), final_state(tmp_path / "ref"))
+
+
+def test_async_save_run_equals_sync_run_and_resumes_exactly(references, tmp_path):
+    args = [*CASES["cnn"], "--run-dir", "run", "--async-save"]
+    proc = start(args, tmp_path)
+    run_dir = tmp_path / "run"
+    assert wait_for(lambda: len(committed(run_dir)) >= 2, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    resumed = run_cli("train", *args, "--quiet", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_run(final_state(run_dir), references["cnn"])

@@ -100,6 +100,7 @@ def make_trainer(run: Run, *, allow_config_change: bool = False) -> Any:
         save_every_seconds=c.save_every_seconds,
         keep_last=c.keep_last,
         keep_best=c.keep_best,
+        async_save=c.async_save,
         monitor=c.monitor,
         patience=c.patience,
         config=run.saved_config(),

@@ -218,6 +218,7 @@ class Trainer:
         save_every_seconds: float | None = None,
         keep_last: int = 2,
         keep_best: int = 1,
+        async_save: bool = False,
         monitor: str = "val_loss",
         patience: int | None = None,
         config: Mapping[str, Any] | None = None,
@@ -277,7 +278,7 @@ class Trainer:
 
             self.store = CheckpointStore(
                 self.run_dir / "checkpoints", keep_last=keep_last, keep_best=keep_best, monitor=monitor,
-                mode="max" if "acc" in monitor else "min",
+                mode="max" if "acc" in monitor else "min", async_save=async_save,
             )
         self.tensorboard = tensorboard
         self.resumed_from: Path | None = None
@@ -342,7 +343,8 @@ class Trainer:
         objects["per_rank"] = self.per_rank
         return objects
 
-    def save(self, metrics: Mapping[str, float] | None = None) -> Path | None:
+    def save(self, metrics: Mapping[str, float] | None = None, *, wait: bool = False) -> Path | None:
+        """Checkpoint the run now (with ``async_save``, written in the background unless ``wait``)."""
         if self.store is None:
             return None
         # Every rank's part (random state, epoch sums) is gathered into the one checkpoint that rank 0 commits,
@@ -352,6 +354,8 @@ class Trainer:
         if self.main:
             try:
                 path = self.store.save(self.progress.step, {**self.state_objects(), "config": self.config}, metrics)
+                if wait:
+                    self.store.wait()
             except EtappeError as exc:
                 raise TrainingError(f"saving the checkpoint at step {self.progress.step} failed, training stops: {exc}") from None
         if self.world_size > 1:
@@ -407,52 +411,65 @@ class Trainer:
                 log.info(f"{self.run_dir} stopped early after epoch {p.epoch} ({self.monitor} no longer improved)")
             return self.history
         last_save_time = time.monotonic()
-        with preemption_guard() as preempt:
-            while p.epoch < epochs:
-                for m in self.models.values():
-                    m.train()
-                bar = log.progress_bar(len(self.batches), p.batches_done_in_epoch, p.epoch, epochs, self.show_progress)
-                epoch_start = time.perf_counter() - p.seconds_in_epoch
-                for batch in self._epoch_batches(p.epoch, p.batches_done_in_epoch):
-                    n, losses = self._train_step(batch)
-                    p.step += 1
-                    p.batches_done_in_epoch += 1
-                    p.samples_in_epoch += n
-                    p.loss_sum_in_epoch += losses.pop("loss") * n
-                    for k, v in losses.items():
-                        p.extra_sums_in_epoch[k] = p.extra_sums_in_epoch.get(k, 0.0) + v * n
-                    p.seconds_in_epoch = time.perf_counter() - epoch_start
-                    bar.update(p, self.world_size)
-                    stop = preempt["signal"] is not None
-                    due = bool(self.save_every and p.step % self.save_every == 0) or bool(
-                        self.save_every_seconds and time.monotonic() - last_save_time >= self.save_every_seconds
-                    )
-                    if self.world_size > 1:  # every rank must take the same branch: saves are collective
-                        stop, due = distributed.any_rank(stop, due)
-                    if stop:
-                        bar.close()
-                        path = self.save()
-                        raise Preempted(
-                            f"{preempt['signal'] or 'a signal on another rank'} received: saved step {p.step} to {path}; "
-                            f"resume with: etappe resume {self.run_dir}"
+        try:
+            with preemption_guard() as preempt:
+                while p.epoch < epochs:
+                    for m in self.models.values():
+                        m.train()
+                    bar = log.progress_bar(len(self.batches), p.batches_done_in_epoch, p.epoch, epochs, self.show_progress)
+                    epoch_start = time.perf_counter() - p.seconds_in_epoch
+                    for batch in self._epoch_batches(p.epoch, p.batches_done_in_epoch):
+                        n, losses = self._train_step(batch)
+                        p.step += 1
+                        p.batches_done_in_epoch += 1
+                        p.samples_in_epoch += n
+                        p.loss_sum_in_epoch += losses.pop("loss") * n
+                        for k, v in losses.items():
+                            p.extra_sums_in_epoch[k] = p.extra_sums_in_epoch.get(k, 0.0) + v * n
+                        p.seconds_in_epoch = time.perf_counter() - epoch_start
+                        bar.update(p, self.world_size)
+                        stop = preempt["signal"] is not None
+                        due = bool(self.save_every and p.step % self.save_every == 0) or bool(
+                            self.save_every_seconds and time.monotonic() - last_save_time >= self.save_every_seconds
                         )
-                    if due:
-                        self.save()
-                        last_save_time = time.monotonic()
-                bar.close()
-                row = self._end_epoch(epochs)
-                if writer is not None:
-                    log.tensorboard_row(writer, row)
-                stop_early = self._should_stop_early(row)  # before the save, so the checkpoint holds its count
-                p.finished = stop_early
-                self.save({k: v for k, v in row.items() if isinstance(v, (int, float))})
-                last_save_time = time.monotonic()
-                if stop_early:
-                    if not self.quiet:
-                        log.info(f"Stopping early: {self.monitor} has not improved for {self.patience} epochs")
-                    break
+                        if self.world_size > 1:  # every rank must take the same branch: saves are collective
+                            stop, due = distributed.any_rank(stop, due)
+                        if stop:
+                            bar.close()
+                            path = self.save(wait=True)
+                            raise Preempted(
+                                f"{preempt['signal'] or 'a signal on another rank'} received: saved step {p.step} to {path}; "
+                                f"resume with: etappe resume {self.run_dir}"
+                            )
+                        if due:
+                            self.save()
+                            last_save_time = time.monotonic()
+                    bar.close()
+                    row = self._end_epoch(epochs)
+                    if writer is not None:
+                        log.tensorboard_row(writer, row)
+                    stop_early = self._should_stop_early(row)  # before the save, so the checkpoint holds its count
+                    p.finished = stop_early
+                    self.save({k: v for k, v in row.items() if isinstance(v, (int, float))})
+                    last_save_time = time.monotonic()
+                    if stop_early:
+                        if not self.quiet:
+                            log.info(f"Stopping early: {self.monitor} has not improved for {self.patience} epochs")
+                        break
+        except BaseException:
+            if self.store is not None and self.main:
+                try:
+                    self.store.wait()  # an async write in flight holds a good state from before the failure
+                except EtappeError:
+                    pass
+            raise
         if writer is not None:
             writer.close()
+        if self.store is not None and self.main:
+            try:
+                self.store.wait()  # an async write in flight is committed before fit returns
+            except EtappeError as exc:
+                raise TrainingError(f"the last checkpoint could not be written: {exc}") from None
         if self.run_dir is not None and self.main:
             log.write_history(self.run_dir, self.history)
             log.plot_curves(self.run_dir, self.history)

@@ -1,9 +1,10 @@
-"""Async save's two parts: a pool of CPU tensors that snapshots a checkpoint's tensors at call time, and a writer
-that runs one save at a time in a background thread and keeps its failure until someone is told.
+"""Async save's two parts: a pool that snapshots a checkpoint's tensors at call time into its files built in
+memory, and a writer that runs one save at a time in a background thread and keeps its failure until told.
 
 The pool allocates on the first save and is reused after: copying into memory already faulted in runs several
 times faster than into fresh memory (~14 GB/s against ~2.8 GB/s here), and the copy is most of what the caller
-waits for.
+waits for. Because each file is already whole in one page-aligned buffer, the writer sends it to the disk with
+O_DIRECT, around the page cache, and takes next to no CPU from the training that goes on meanwhile.
 """
 
 import os
@@ -11,9 +12,11 @@ import sys
 import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from etappe.checkpoint import tensorfile
 from etappe.checkpoint.errors import CheckpointError
 
 # The writer thread's nice value (Linux sets it per thread). Training threads then win the CPU whenever they want
@@ -24,37 +27,38 @@ NICE = 10
 
 
 class SnapshotPool:
-    """CPU tensors keyed by (entry, tensor name, shape, dtype), reused from one save to the next."""
+    """Per entry, its safetensors file built in memory (a ``tensorfile.Image``), keyed by the entry's name and its
+    tensors' names, shapes and dtypes, and reused from one save to the next."""
 
     def __init__(self) -> None:
-        self._buffers: dict[tuple, torch.Tensor] = {}
+        self._images: dict[tuple, tensorfile.Image] = {}
 
-    def snapshot(self, encoded: Mapping[str, tuple[dict, dict[str, torch.Tensor]]]) -> dict[str, tuple[dict, dict]]:
-        """``encoded`` (``folder.encode``'s records and tensors) with every tensor replaced by a copy in the pool.
+    def snapshot(self, encoded: Mapping[str, tuple[dict, dict[str, torch.Tensor]]]) -> dict[str, tuple[dict, Any]]:
+        """``encoded`` (``folder.encode``'s records and tensors) with each entry's tensors copied into its image.
 
-        Buffers the new state does not use are freed before new ones are allocated, so the pool never holds
-        more than one copy of the state. The copies must not be written to by anyone else until the write of
-        this snapshot has finished: the next snapshot reuses them.
+        Images the new state does not use are freed before new ones are allocated, so the pool never holds
+        more than one copy of the state. An image must not be written to by anyone else until the write of
+        this snapshot has finished: the next snapshot reuses it.
         """
-        keys = {entry: {name: (entry, name, tuple(t.shape), t.dtype) for name, t in tensors.items()}
-                for entry, (_, tensors) in encoded.items()}
-        wanted = {key for names in keys.values() for key in names.values()}
-        self._buffers = {key: buf for key, buf in self._buffers.items() if key in wanted}
+        keys = {entry: (entry, *sorted((name, tuple(t.shape), t.dtype) for name, t in tensors.items()))
+                for entry, (_, tensors) in encoded.items() if tensors}
+        self._images = {key: image for key, image in self._images.items() if key in keys.values()}
         out = {}
         for entry, (record, tensors) in encoded.items():
-            copies = {}
+            if not tensors:
+                out[entry] = (record, tensors)
+                continue
+            image = self._images.get(keys[entry])
+            if image is None:
+                image = self._images[keys[entry]] = tensorfile.Image(
+                    {name: (t.dtype, tuple(t.shape)) for name, t in tensors.items()})
             for name, t in tensors.items():
-                key = keys[entry][name]
-                buf = self._buffers.get(key)
-                if buf is None:
-                    buf = self._buffers[key] = torch.empty(key[2], dtype=key[3])
-                buf.copy_(t)  # also resolves conjugate and negative views, and brings device tensors to the CPU
-                copies[name] = buf
-            out[entry] = (record, copies)
+                image.tensors[name].copy_(t)  # also resolves conjugate and negative views, and fetches from devices
+            out[entry] = (record, image)
         return out
 
     def clear(self) -> None:
-        self._buffers = {}
+        self._images = {}
 
 
 class Writer:

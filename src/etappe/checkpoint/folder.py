@@ -164,26 +164,32 @@ def encode(objects: Mapping[str, Any]) -> dict[str, tuple[dict, dict[str, torch.
 
 def _write_files(folder: Path, encoded: dict, taken: set[str], written: dict[str, tuple[int, str]]) -> str:
     """Write the state and tensor files into ``folder`` under names not in ``taken``, recording each in
-    ``written`` ({name: (size, checksum)}) as it is started; return the state file's name."""
+    ``written`` ({name: (size, checksum)}) as it is started; return the state file's name. An entry's tensors
+    are a dict of tensors, or a ``tensorfile.Image`` already holding the file (async save's snapshot)."""
 
-    def put(name: str, chunks) -> str:
+    def put(name: str, write) -> str:
         if name in taken:
             stem, ext = name.split(".", 1)
             name = f"{stem}.1.{ext}"
         fsio.remove_quietly(folder / name)  # only ever an unreferenced leftover of an interrupted overwrite
         written[name] = (0, "")
         hasher = manifest.new_hasher()
-        size = fsio.write_file(folder / name, chunks, hasher)
+        size = write(folder / name, hasher)
         written[name] = (size, hasher.hexdigest())
         return name
 
     entries = {}
     for entry, (record, tensors) in encoded.items():
         record = dict(record)
-        if tensors:
-            record["tensors"] = put(f"{entry}.safetensors", tensorfile.chunks(tensors))
+        if isinstance(tensors, tensorfile.Image):
+            record["tensors"] = put(f"{entry}.safetensors",
+                                    lambda path, hasher: fsio.write_direct(path, tensors.buffer, tensors.size, hasher))
+        elif tensors:
+            record["tensors"] = put(f"{entry}.safetensors",
+                                    lambda path, hasher: fsio.write_file(path, tensorfile.chunks(tensors), hasher))
         entries[entry] = record
-    return put(STATE, [json.dumps({"entries": entries}, separators=(",", ":"), allow_nan=False).encode()])
+    state = json.dumps({"entries": entries}, separators=(",", ":"), allow_nan=False).encode()
+    return put(STATE, lambda path, hasher: fsio.write_file(path, [state], hasher))
 
 
 def _write_new(path: Path, encoded: dict, meta: dict) -> None:

@@ -4,6 +4,7 @@ A temporary name is ``.tmp-<name>-<pid>-<random>``: readers ignore it, and ``swe
 the process that made it is gone.
 """
 
+import errno
 import mmap
 import os
 import re
@@ -77,6 +78,49 @@ def write_file(path: Path, chunks: Iterable[bytes | memoryview], hasher=None) ->
         f.flush()
         os.fsync(f.fileno())
     return size
+
+
+DIRECT_PIECE = 8 << 20  # bytes per O_DIRECT write: large enough for the disk, small enough to hash in cache
+
+
+def write_direct(path: Path, buffer: mmap.mmap, size: int, hasher=None) -> int:
+    """``write_file`` of the first ``size`` bytes of a page-aligned ``buffer`` padded to whole pages (an anonymous
+    mmap), with O_DIRECT where the file system has it: the data goes from ``buffer`` to the disk, not through the
+    page cache, so the writing thread spends next to no CPU (for 3.2 GB here: ~0.2 s against ~5 s through the
+    cache) and a training process running meanwhile keeps its cores and its cache. Elsewhere, ``write_file``.
+    """
+    view = memoryview(buffer)
+    direct = getattr(os, "O_DIRECT", 0)
+    if direct:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | direct, 0o666)
+        except OSError as e:
+            if e.errno != errno.EINVAL:  # EINVAL: this file system does not do O_DIRECT (tmpfs)
+                raise
+        else:
+            try:
+                for at in range(0, size, DIRECT_PIECE):
+                    end = min(at + DIRECT_PIECE, size)
+                    if hasher is not None:
+                        hasher.update(view[at:end])
+                    _write_all(fd, view[at : end + (-end % mmap.PAGESIZE)])  # whole pages; the tail is cut below
+                os.ftruncate(fd, size)
+                os.fsync(fd)
+                return size
+            except OSError as e:
+                if e.errno != errno.EINVAL:  # EINVAL: the device wants other alignment; write it the usual way
+                    raise
+                if hasher is not None:
+                    hasher.reset()
+            finally:
+                os.close(fd)
+            os.unlink(path)
+    return write_file(path, [view[:size]], hasher)
+
+
+def _write_all(fd: int, data: memoryview) -> None:
+    while data:
+        data = data[os.write(fd, data) :]
 
 
 def map_file(path: Path, size: int) -> mmap.mmap | bytes | bytearray:

@@ -1,6 +1,7 @@
 """Tensors to and from the safetensors format, streamed: no extra copy of tensor bytes on either side.
 
-Writing yields the file as chunks (header, then each tensor's memory), so the caller can hash while writing.
+Writing yields the file as chunks (header, then each tensor's memory), so the caller can hash while writing; or,
+for async save, builds it in one reusable page-aligned buffer (``Image``) that tensors are copied into.
 Reading views a verified buffer: each tensor is a ``torch.frombuffer`` slice of it. Dtypes the safetensors
 format lacks (complex128, complex32, newer float8/4 kinds) are stored as raw bytes, with their real dtype and
 shape in the header's ``__metadata__``; the files stay readable by any safetensors reader.
@@ -8,8 +9,10 @@ Tensors are laid out by element size, largest first, as safetensors does, so eve
 """
 
 import json
+import math
+import mmap
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,23 +44,55 @@ class TensorInfo:
 
 def chunks(tensors: dict[str, torch.Tensor]) -> Iterator[bytes | memoryview]:
     """The safetensors file holding ``tensors``, as a header and one chunk per tensor."""
-    prepared = sorted(((name, _prepare(t)) for name, t in tensors.items()), key=lambda it: (-it[1][3], it[0]))
+    data = {name: _bytes(t) for name, t in tensors.items()}
+    head, places = layout({name: (t.dtype, tuple(t.shape)) for name, t in tensors.items()})
+    yield head
+    for name in places:  # in file order
+        if len(data[name]):
+            yield data[name]
+
+
+def layout(specs: Mapping[str, tuple[torch.dtype, tuple[int, ...]]]) -> tuple[bytes, dict[str, tuple[int, int]]]:
+    """The start of a safetensors file holding tensors of these dtypes and shapes (length field, header, padding),
+    and where each tensor's bytes lie in the file, {name: (start, end)} in file order. ``chunks`` writes this."""
+    stored = sorted(((name, _stored(dtype, shape)) for name, (dtype, shape) in specs.items()),
+                    key=lambda it: (-it[1][3], it[0]))
     header: dict = {}
     raw: dict = {}
     offset = 0
-    for name, (data, code, shape, _, real) in prepared:
-        header[name] = {"dtype": code, "shape": shape, "data_offsets": [offset, offset + len(data)]}
-        offset += len(data)
+    for name, (code, shape, nbytes, _, real) in stored:
+        header[name] = {"dtype": code, "shape": shape, "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
         if real is not None:
             raw[name] = real
     if raw:
         header["__metadata__"] = {_RAW: json.dumps(raw, separators=(",", ":"))}
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # keeps the data, and so every tensor, 8-byte aligned
-    yield struct.pack("<Q", len(text)) + text
-    for _, (data, *_) in prepared:
-        if len(data):
-            yield data
+    head = struct.pack("<Q", len(text)) + text
+    places = {name: (len(head) + start, len(head) + end) for name, (start, end) in
+              ((name, header[name]["data_offsets"]) for name, _ in stored)}
+    return head, places
+
+
+class Image:
+    """A safetensors file built in memory, to be filled and written more than once: the file's bytes in one
+    page-aligned buffer (padded to a whole number of pages, as O_DIRECT writes need), and each tensor as a view
+    of its place in it. Copying into ``tensors`` and writing ``buffer[:size]`` writes what ``chunks`` would."""
+
+    def __init__(self, specs: Mapping[str, tuple[torch.dtype, tuple[int, ...]]]) -> None:
+        head, places = layout(specs)
+        self.size = max([len(head), *(end for _, end in places.values())])
+        self.buffer = mmap.mmap(-1, self.size + (-self.size % mmap.PAGESIZE))  # anonymous: page-aligned, zeroed
+        self.buffer[: len(head)] = head
+        self.tensors = {}
+        for name, (start, end) in places.items():
+            dtype, shape = specs[name]
+            if end == start:
+                self.tensors[name] = torch.empty(shape, dtype=dtype)
+            else:
+                flat = torch.frombuffer(self.buffer, dtype=torch.uint8, count=end - start, offset=start)
+                self.tensors[name] = flat.view(dtype).reshape(shape)
 
 
 def parse(buf, where: Path) -> dict[str, torch.Tensor]:
@@ -90,15 +125,20 @@ def infos(path: Path) -> dict[str, TensorInfo]:
     return out
 
 
-def _prepare(t: torch.Tensor) -> tuple[memoryview | bytes, str, list[int], int, dict | None]:
-    """(bytes, safetensors dtype code, stored shape, alignment, real dtype/shape if stored raw)."""
+def _bytes(t: torch.Tensor) -> memoryview | bytes:
+    """A tensor's bytes in memory order (a view of its memory when it is a plain contiguous CPU tensor)."""
     t = t.detach().cpu().resolve_conj().resolve_neg().contiguous()
-    code = _CODE_OF_DTYPE.get(t.dtype)
-    data = memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else b""
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else b""
+
+
+def _stored(dtype: torch.dtype, shape: tuple[int, ...]) -> tuple[str, list[int], int, int, dict | None]:
+    """(safetensors dtype code, stored shape, bytes, alignment, real dtype/shape if stored raw)."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    code = _CODE_OF_DTYPE.get(dtype)
     if code is not None:
-        return data, code, list(t.shape), t.element_size(), None
-    real = {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
-    return data, "U8", [len(data)], t.element_size(), real
+        return code, list(shape), nbytes, dtype.itemsize, None
+    real = {"dtype": str(dtype).removeprefix("torch."), "shape": list(shape)}
+    return "U8", [nbytes], nbytes, dtype.itemsize, real
 
 
 def _header(first8: bytes, read, size: int, where: Path) -> tuple[dict, int]:
