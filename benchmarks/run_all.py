@@ -1,7 +1,7 @@
 """Run every benchmark of issue 6, one after the other, each in its own process; flags are passed on to each
 (--full for full sizes, --repeats N). Output goes to the terminal and to benchmarks/out/run_all.txt.
 
-    .venv/bin/python benchmarks/run_all.py            # quick sizes: about 15 minutes on 2 cores, more when busy
+    .venv/bin/python benchmarks/run_all.py            # quick sizes: 20-30 minutes on 2 cores, more when busy
     .venv/bin/python benchmarks/run_all.py --full     # full sizes (3.2 GB checkpoints, full epochs)
     .venv/bin/python benchmarks/run_all.py --only save,load
 """

@@ -68,6 +68,10 @@ def set_deterministic(device: torch.device, deterministic: bool | None) -> bool:
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
     torch.use_deterministic_algorithms(deterministic, warn_only=device.type == "cuda")
+    if deterministic:
+        # Filling fresh memory with NaN is a debugging aid of deterministic mode, not needed for exactness (every
+        # kernel writes what it allocates); it costs a fill per allocation.
+        torch.utils.deterministic.fill_uninitialized_memory = False
     return deterministic
 
 

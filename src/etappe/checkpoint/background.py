@@ -53,7 +53,7 @@ class SnapshotPool:
                 image = self._images[keys[entry]] = tensorfile.Image(
                     {name: (t.dtype, tuple(t.shape)) for name, t in tensors.items()})
             for name, t in tensors.items():
-                image.tensors[name].copy_(t)  # also resolves conjugate and negative views, and fetches from devices
+                image.fill(name, t)
             out[entry] = (record, image)
         return out
 

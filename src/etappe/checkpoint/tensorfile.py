@@ -77,22 +77,32 @@ def layout(specs: Mapping[str, tuple[torch.dtype, tuple[int, ...]]]) -> tuple[by
 
 class Image:
     """A safetensors file built in memory, to be filled and written more than once: the file's bytes in one
-    page-aligned buffer (padded to a whole number of pages, as O_DIRECT writes need), and each tensor as a view
-    of its place in it. Copying into ``tensors`` and writing ``buffer[:size]`` writes what ``chunks`` would."""
+    page-aligned buffer (padded to a whole number of pages, as O_DIRECT writes need), with a place for each
+    tensor. ``fill``-ing every tensor and writing ``buffer[:size]`` writes what ``chunks`` would."""
 
     def __init__(self, specs: Mapping[str, tuple[torch.dtype, tuple[int, ...]]]) -> None:
         head, places = layout(specs)
         self.size = max([len(head), *(end for _, end in places.values())])
         self.buffer = mmap.mmap(-1, self.size + (-self.size % mmap.PAGESIZE))  # anonymous: page-aligned, zeroed
         self.buffer[: len(head)] = head
-        self.tensors = {}
+        self._places: dict[str, torch.Tensor] = {}
         for name, (start, end) in places.items():
-            dtype, shape = specs[name]
-            if end == start:
-                self.tensors[name] = torch.empty(shape, dtype=dtype)
-            else:
+            if end > start:
+                dtype, shape = specs[name]
                 flat = torch.frombuffer(self.buffer, dtype=torch.uint8, count=end - start, offset=start)
-                self.tensors[name] = flat.view(dtype).reshape(shape)
+                # the format aligns data to 8 bytes: a 16-byte complex128 may sit off its alignment, and torch's
+                # vector copies fault on such a view, so it is filled by bytes
+                self._places[name] = flat.view(dtype).reshape(shape) if start % dtype.itemsize == 0 else flat
+
+    def fill(self, name: str, t: torch.Tensor) -> None:
+        """Copy tensor ``t`` (of the dtype and shape given for ``name``) into its place."""
+        place = self._places.get(name)
+        if place is None:
+            return  # no bytes
+        if place.dtype == t.dtype:
+            place.copy_(t)  # also resolves conjugate and negative views, and fetches from devices
+        else:
+            place.copy_(t.detach().resolve_conj().resolve_neg().contiguous().reshape(-1).view(torch.uint8))
 
 
 def parse(buf, where: Path) -> dict[str, torch.Tensor]:
