@@ -59,6 +59,12 @@ class Trainer:
         self.x = torch.randn(32, width)
         self.history = {"loss": [], "best": math.inf, "tag": ("run", 1), "raw": b"\x00\xff"}
         self.counts = np.arange(12, dtype=np.int64).reshape(3, 4)
+        # tensors whose bytes are laid out unlike float32's: 16-byte elements, 1-byte ones, none, a 0-d one,
+        # a conjugate view and a strided one
+        z = torch.randn(5, dtype=torch.complex128)
+        self.odd = {"z": z, "mask": torch.rand(7) > 0.5, "none": torch.empty(0, 3), "half": torch.randn(3).half(),
+                    "zero_d": torch.tensor(2.5, dtype=torch.float64), "conj": torch.randn(4, dtype=torch.complex64).conj(),
+                    "strided": torch.randn(6, 4)[:, ::2]}
         for _ in range(3):
             self.step()
 
@@ -74,7 +80,7 @@ class Trainer:
 
     def objects(self) -> dict:
         return {"model": self.model, "optimizer": self.optimizer, "scheduler": self.scheduler,
-                "history": self.history, "counts": self.counts, "epoch": len(self.history["loss"])}
+                "history": self.history, "counts": self.counts, "odd": self.odd, "epoch": len(self.history["loss"])}
 
 
 def written(path: Path) -> dict[str, bytes]:
@@ -113,6 +119,8 @@ def test_training_on_right_after_save_returns_does_not_change_what_is_written(tm
             for p in trainer.model.parameters():
                 p.mul_(-1.5).add_(3.0)
         trainer.history["tag"] = ("changed", 2)
+        trainer.odd["z"].mul_(2j)
+        trainer.odd["mask"].logical_not_()
         store.wait()
         assert_same(ck.load(store.path_for(round)), ck.load(expected), f"step {round}")
         expected = ck.save(tmp_path / "expected", **trainer.objects())
