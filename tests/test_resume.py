@@ -67,8 +67,17 @@ def assert_same_run(a: dict, b: dict) -> None:
 
 
 def start(args: list[str], cwd: Path) -> subprocess.Popen:
+    # A session of its own, so a kill takes its DataLoader workers too (an orphaned worker would hold the pipes).
     return subprocess.Popen([sys.executable, "-m", "etappe", "train", *args, "--quiet"], cwd=cwd,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def kill_all(proc: subprocess.Popen) -> None:
+    """SIGKILL the process and everything it started, as a power cut would."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def wait_for(predicate, proc: subprocess.Popen, timeout: float = 120) -> bool:
@@ -102,11 +111,10 @@ def kill_at(moment: str, args: list[str], cwd: Path, run_dir: Path, rng: random.
         else:  # during a checkpoint write: a temporary folder exists beside the checkpoints
             folder = run_dir / "checkpoints"
             hit = wait_for(lambda: folder.is_dir() and any(p.name.startswith(".tmp-") for p in folder.iterdir()), proc)
-        proc.send_signal(signal.SIGKILL)
+        kill_all(proc)
         proc.wait()
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        kill_all(proc)
         proc.communicate()
     return proc.returncode if hit else None
 
@@ -228,10 +236,11 @@ def test_user_script_with_own_model_and_dataset_resumes_exactly(tmp_path, worker
     assert subprocess.run([*cmd, str(tmp_path / "ref"), str(workers)], capture_output=True).returncode == 0
     run_dir = tmp_path / "killed"
     for delay in (0.05, 0.2):
-        proc = subprocess.Popen([*cmd, str(run_dir), str(workers)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc = subprocess.Popen([*cmd, str(run_dir), str(workers)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                start_new_session=True)
         wait_for(lambda: len(committed(run_dir)) >= 1, proc)
         time.sleep(delay)
-        proc.kill()
+        kill_all(proc)
         proc.communicate()
     finished = subprocess.run([*cmd, str(run_dir), str(workers)], capture_output=True, text=True)
     assert finished.returncode == 0, finished.stderr
@@ -243,7 +252,7 @@ def test_async_save_run_equals_sync_run_and_resumes_exactly(references, tmp_path
     proc = start(args, tmp_path)
     run_dir = tmp_path / "run"
     assert wait_for(lambda: len(committed(run_dir)) >= 2, proc)
-    proc.send_signal(signal.SIGKILL)
+    kill_all(proc)
     proc.communicate()
     resumed = run_cli("train", *args, "--quiet", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
