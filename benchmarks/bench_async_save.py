@@ -30,7 +30,6 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -262,26 +261,44 @@ print(json.dumps(b.rss_mb("VmHWM") - before))
     proc = common.run_quiet([common.PYTHON, "-c", code])
     if proc.returncode != 0:
         raise RuntimeError(f"peak memory of {way}: {proc.stderr.strip().splitlines()[-1:]}")
-    return float(json.loads(proc.stdout.strip().splitlines()[-1]))
+    return max(0.0, float(json.loads(proc.stdout.strip().splitlines()[-1])))
 
 
-def write_results(text: str) -> Path:
-    """Put ``text`` (starting with SECTION) in RESULTS.md in place of its old section, keeping the others; or in
-    RESULTS-async.md when there is no RESULTS.md yet."""
-    results = common.HERE / "RESULTS.md"
-    if not results.exists():
+INTRO = """Written by `benchmarks/bench_async_save.py`: one subsection per size, each replaced by that size's latest run.
+etappe's async save copies the state into buffers laid out as its files (allocated on the first save, reused after),
+returns, and writes them from one background thread at nice 10 with O_DIRECT, then commits as a sync save does.
+Columns: stall = seconds the training thread is blocked; fg rate = a foreground MLP's steps/s while the write is in
+flight, over its rate just before; training lost = stall + in-flight seconds x (1 - fg rate); durable = seconds
+until committed; peak extra = peak RSS above the state alone over two saves, in a fresh process per way.
+"""
+
+
+def write_results(label: str, body: str) -> Path:
+    """Put ``body`` as subsection ``label`` of the SECTION of RESULTS.md, keeping its other subsections and the
+    file's other sections; or in RESULTS-async.md while there is no RESULTS.md."""
+    target = common.HERE / "RESULTS.md"
+    if not target.exists():
         target = common.HERE / "RESULTS-async.md"
-        target.write_text(text)
-        return target
-    lines = results.read_text().splitlines(keepends=True)
+    lines = target.read_text().splitlines(keepends=True) if target.exists() else []
     start = next((i for i, line in enumerate(lines) if line.rstrip() == SECTION), None)
     if start is None:
-        body = "".join(lines).rstrip("\n") + "\n\n" + text
+        before, inside, after = "".join(lines).rstrip("\n") + ("\n\n" if lines else ""), [], ""
     else:
         end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        body = "".join(lines[:start]) + text + ("\n" + "".join(lines[end:]) if end < len(lines) else "")
-    results.write_text(body)
-    return results
+        before, inside, after = "".join(lines[:start]), lines[start + 1 : end], "".join(lines[end:])
+    subsections: dict[str, list[str]] = {}
+    current = None  # text before the first subsection is the intro, written anew
+    for line in inside:
+        if line.startswith("### "):
+            current = line[4:].strip()
+            subsections[current] = []
+        elif current is not None:
+            subsections[current].append(line)
+    subsections = {k: "".join(v).strip("\n") for k, v in subsections.items()}
+    subsections[label] = body.strip("\n")
+    section = f"{SECTION}\n\n{INTRO}\n" + "".join(f"### {k}\n\n{v}\n\n" for k, v in subsections.items())
+    target.write_text(before + (section if after else section.rstrip("\n") + "\n") + after)
+    return target
 
 
 def main() -> None:
@@ -319,6 +336,7 @@ def main() -> None:
     for name, begin in ways.items():  # the first save of each way: imports, pools allocated
         first[name] = run_save(fg, begin, 1.0)["stall"]
         cleanup()
+
     def measured(name: str) -> Callable[[], dict]:
         def run() -> dict:
             cleanup()
@@ -350,8 +368,13 @@ def main() -> None:
     table = common.table(title, headers, rows)
     by = {r[0]: r for r in rows}
     e, d = by["etappe async_save"], by.get("dcp.async_save")
-    verdict = [f"- stall: etappe async {e[2]:.1%} of etappe sync (target <= 10%: {'met' if e[2] <= 0.10 else 'NOT met'})"
+    verdict = [f"- stall: etappe async {e[2]:.2%} of etappe sync (target <= 10%: {'met' if e[2] <= 0.10 else 'NOT met'})"
                + (f"; dcp.async_save {d[2]:.0%}" if d else "") + f"; clone + thread {by['clone + thread'][2]:.0%}",
+               f"- the stall is the copy into the pool, at {total / e[1] / 1e9:.1f} GB/s; the sync save writes at "
+               f"{total / sync_stall / 1e9:.1f} GB/s, so a stall <= 10% of it needs a copy at >= "
+               f"{10 * total / sync_stall / 1e9:.0f} GB/s",
+               f"- training time lost per checkpoint: etappe async {e[4]:.2f} s, etappe sync {sync_stall:.2f} s"
+               + (f", dcp.async_save {d[4]:.2f} s" if d else "") + f", clone + thread {by['clone + thread'][4]:.2f} s",
                f"- first async save (allocates the pool): stall {first['etappe async_save']:.3f} s "
                f"({first['etappe async_save'] / sync_stall:.0%} of sync); later saves reuse it",
                f"- peak extra memory: {e[6]:.2f}x the state (target <= 1x: {'met' if e[6] <= 1.02 else 'NOT met'})"]
@@ -367,9 +390,10 @@ def main() -> None:
     print(f"\nwrote {out}")
     if not args.no_results:
         date = subprocess.run(["date"], capture_output=True, text=True).stdout.strip()
-        text = (f"{SECTION}\n\n{date}; {machine}\n\n`{common.command()}`\n{table}\n\n" + "\n".join(verdict)
-                + f"\n\n{rounds}. Columns are described in the docstring of benchmarks/bench_async_save.py.\n")
-        print(f"wrote {write_results(text)}")
+        label = "--full sizes" if args.full and not args.weights_mb else (
+            f"--weights-mb {args.weights_mb:g}" if args.weights_mb else "quick sizes")
+        body = (f"{date}; {machine}\n\n`{common.command()}`\n{table}\n\n" + "\n".join(verdict) + f"\n\n{rounds}.")
+        print(f"wrote {write_results(label, body)}")
 
 
 if __name__ == "__main__":

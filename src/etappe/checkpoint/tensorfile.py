@@ -117,7 +117,12 @@ def parse(buf, where: Path) -> dict[str, torch.Tensor]:
             out[name] = torch.empty(shape, dtype=dtype)
             continue
         flat = torch.frombuffer(buf, dtype=torch.uint8, count=end - start, offset=base + start)
-        out[name] = flat.view(dtype).reshape(shape)
+        if flat.data_ptr() % dtype.itemsize:  # the format aligns to 8 bytes: a complex128 may sit off its 16, and
+            aligned = torch.empty(shape, dtype=dtype)  # torch's vector kernels fault on such a view: copy it
+            aligned.reshape(-1).view(torch.uint8).copy_(flat)
+            out[name] = aligned
+        else:
+            out[name] = flat.view(dtype).reshape(shape)
     return out
 
 
