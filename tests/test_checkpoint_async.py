@@ -8,11 +8,9 @@ import math
 import os
 import random
 import resource
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -24,28 +22,7 @@ from torch import nn
 
 import etappe.checkpoint as ck
 from etappe.checkpoint import CheckpointError, CheckpointStore
-
-
-def assert_same(a, b, where="value"):
-    """Same types, same keys in the same order, tensors equal bit for bit."""
-    assert type(a) is type(b) or (isinstance(a, dict) and isinstance(b, dict)), f"{where}: {type(a)} vs {type(b)}"
-    if isinstance(a, torch.Tensor):
-        assert (a.dtype, a.shape) == (b.dtype, b.shape), f"{where}: {a.dtype}{list(a.shape)} vs {b.dtype}{list(b.shape)}"
-        assert torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)), f"{where}: bytes differ"
-    elif isinstance(a, np.ndarray):
-        assert a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes(), where
-    elif isinstance(a, dict):
-        assert list(a) == list(b), f"{where}: keys {list(a)} vs {list(b)}"
-        for k in a:
-            assert_same(a[k], b[k], f"{where}[{k!r}]")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), f"{where}: length {len(a)} vs {len(b)}"
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same(x, y, f"{where}[{i}]")
-    elif isinstance(a, float) and math.isnan(a):
-        assert math.isnan(b), f"{where}: nan vs {b}"
-    else:
-        assert a == b, f"{where}: {a!r} vs {b!r}"
+from tests.test_checkpoint import assert_same
 
 
 class Trainer:
@@ -221,18 +198,6 @@ def committed_value(root: Path) -> tuple[int, float]:
         assert t.shape == (8_000_000,) and bool((t == value).all()), f"{latest}: a tensor holds another state than {value}"
     assert saved["optimizer"]["param_groups"][0]["lr"] == value
     return int(latest.name.removeprefix("step-")), value
-
-
-@pytest.fixture
-def scratch(tmp_path):
-    """A folder in memory when /dev/shm allows (the kills test processes, not disks; this spares the disk GBs)."""
-    shm = Path("/dev/shm")
-    if shm.is_dir() and os.access(shm, os.W_OK) and shutil.disk_usage(shm).free > 2 * 2**30:
-        path = Path(tempfile.mkdtemp(dir=shm, prefix="etappe-test-"))
-        yield path
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        yield tmp_path
 
 
 def test_sigkill_during_a_background_write_keeps_the_old_or_the_new_checkpoint_never_a_mixture(tmp_path, scratch):

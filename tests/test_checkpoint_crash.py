@@ -11,7 +11,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -117,18 +116,6 @@ class Writers:
     def close(self) -> None:
         self.proc.stdin.close()
         self.proc.wait(timeout=60)
-
-
-@pytest.fixture
-def scratch(tmp_path):
-    """A folder in memory when /dev/shm allows (the kills test processes, not disks; this spares the disk GBs)."""
-    shm = Path("/dev/shm")
-    if shm.is_dir() and os.access(shm, os.W_OK) and shutil.disk_usage(shm).free > 2 * 2**30:
-        path = Path(tempfile.mkdtemp(dir=shm, prefix="etappe-test-"))
-        yield path
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        yield tmp_path
 
 
 def test_sigkill_at_random_moments_of_a_save_leaves_the_old_or_the_new_checkpoint(tmp_path, scratch):

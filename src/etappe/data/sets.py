@@ -14,7 +14,6 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -257,13 +256,7 @@ def named_idx_set(name: str, data_dir: str | Path | None, allow_download: bool) 
     return idx_set(name, target)
 
 
-BUILTIN: dict[str, Callable[..., Dataset]] = {
-    "digits": digits,
-    "mnist": lambda **kw: named_idx_set("mnist", kw.get("data_dir"), kw.get("allow_download", True)),
-    "fashion-mnist": lambda **kw: named_idx_set("fashion-mnist", kw.get("data_dir"), kw.get("allow_download", True)),
-    "linear": linear,
-    "sine": sine,
-}
+NAMES = ("digits", "mnist", "fashion-mnist", "linear", "sine")
 
 
 def load_dataset(
@@ -276,10 +269,12 @@ def load_dataset(
         if not directory.is_dir():
             raise DataError(f"idx data folder {directory} does not exist; expected a folder holding the four IDX files")
         return idx_set(name, directory)
-    if name in ("linear", "sine"):
-        return BUILTIN[name](seed=seed)
     if name == "digits":
         return digits()
-    if name in BUILTIN:
-        return BUILTIN[name](data_dir=data_dir, allow_download=allow_download)
-    raise UsageError(f"unknown data set {name!r}; choose one of: {', '.join(BUILTIN)}, or idx:DIR")
+    if name == "linear":
+        return linear(seed=seed)
+    if name == "sine":
+        return sine(seed=seed)
+    if name in MIRRORS:
+        return named_idx_set(name, data_dir, allow_download)
+    raise UsageError(f"unknown data set {name!r}; choose one of: {', '.join(NAMES)}, or idx:DIR")
