@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,7 +14,12 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
+from etappe import models
+from etappe.checkpoint import CheckpointError, CheckpointStore, CheckpointWarning, load
+from etappe.checkpoint.sharded import SafeReader
 from tests.conftest import run_cli
 from tests.test_resume import assert_same_run, committed, final_state, wait_for
 
@@ -117,3 +124,122 @@ def test_one_process_checkpoint_is_resumed_on_two_ranks(tmp_path):
     assert "Resuming" in resumed.stdout and resumed.stderr.count("not bit-exact") == 1
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3] and rows[2]["train_loss"] < rows[0]["train_loss"]
+
+
+# ---------------------------------------------------------------- FSDP2: sharded state through DCP
+
+FSDP = [*ARGS, "--strategy", "fsdp"]
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("fsdp")
+    result = torchrun(*FSDP, "--epochs", "8", "--run-dir", "run", "--save-every", "9", cwd=cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return cwd, result
+
+
+def test_fsdp_trains_like_ddp_and_writes_every_ranks_shards_into_the_checkpoint(fsdp_run, two_rank_run, tmp_path):
+    cwd, result = fsdp_run
+    assert abs(accuracy(result.stdout) - accuracy(two_rank_run[1].stdout)) <= 1.0, (result.stdout, two_rank_run[1].stdout)
+    assert result.stdout.count("Test loss") == 1 and result.stdout.count("Epoch 8/8") == 1
+    latest = CheckpointStore(cwd / "run" / "checkpoints").latest()
+    listed = json.loads((latest / "manifest.json").read_text())["files"]
+    shard_files = sorted(name.split("/")[1] for name in listed if name.startswith("shards-"))
+    assert shard_files == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    assert len(list(latest.glob("shards-*"))) == 1  # an overwritten step keeps only its new shards
+    state = final_state(cwd / "run")  # read whole, in this process alone
+    plain = models.build("cnn", (1, 8, 8), 10)
+    assert {k: v.shape for k, v in state["model"].items()} == {k: v.shape for k, v in plain.state_dict().items()}
+    assert set(state["optimizer"]["state"]) == set(dict(plain.named_parameters()))
+    weights = load_file(str(cwd / "run" / "model.safetensors"))  # gathered from the shards at the end
+    assert all(torch.equal(weights[k], state["model"][k]) for k in weights)
+
+    copy = tmp_path / "run"
+    shutil.copytree(cwd / "run", copy)
+    bad = next((copy / "checkpoints" / latest.name).glob("shards-*/__1_0.distcp"))
+    data = bytearray(bad.read_bytes())
+    data[len(data) // 2] ^= 1
+    bad.write_bytes(bytes(data))
+    out = run_cli("verify", str(copy), cwd=tmp_path)
+    assert out.returncode != 0 and "__1_0.distcp" in out.stdout + out.stderr
+    with pytest.warns(CheckpointWarning, match="checksum mismatch"):
+        assert CheckpointStore(copy / "checkpoints").latest().name < latest.name  # falls back to the one before
+
+
+def test_fsdp_killed_rank_then_resume_on_two_ranks_is_bit_exact(fsdp_run, tmp_path):
+    ref_cwd, _ = fsdp_run
+    args = [*FSDP, "--epochs", "8", "--run-dir", "run", "--save-every", "9"]
+    proc = subprocess.Popen(torchrun_cmd(2, args), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    run_dir = tmp_path / "run"
+    assert wait_for(lambda: len(committed(run_dir)) >= 2, proc, timeout=300)
+    time.sleep(0.3)
+    workers = children(proc.pid)
+    assert len(workers) == 2, workers
+    os.kill(workers[0], signal.SIGKILL)  # rank 0, the one that commits
+    proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    resumed = torchrun(*args, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resuming" in resumed.stdout
+    assert_same_run(final_state(run_dir), final_state(ref_cwd / "run"))
+
+
+def test_fsdp_checkpoint_reshards_into_one_process_for_eval_export_and_resume(fsdp_run, tmp_path):
+    cwd, result = fsdp_run
+    out = run_cli("eval", str(cwd / "run"), "--checkpoint", "latest", "--json", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert round(100 * json.loads(out.stdout)["accuracy"], 2) == accuracy(result.stdout)
+    exported = run_cli("export", str(cwd / "run"), "--format", "torchscript", "--out", str(tmp_path / "m.pt"),
+                       cwd=tmp_path)
+    assert exported.returncode == 0, exported.stderr
+
+    # into a plain model and Adam: the same numbers as the shards hold, the optimizer state by position
+    latest = CheckpointStore(cwd / "run" / "checkpoints").latest()
+    whole = load(latest)
+    model = models.build("cnn", (1, 8, 8), 10)
+    optimizer = torch.optim.Adam(model.parameters(), lr=5e-3)
+    load(latest, model=model, optimizer=optimizer)
+    names = [name for name, _ in model.named_parameters()]
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, whole["model"][k]), k
+    for i, name in enumerate(names):
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(optimizer.state_dict()["state"][i][key], whole["optimizer"]["state"][name][key])
+
+    copy = tmp_path / "run"
+    shutil.copytree(cwd / "run", copy)
+    resumed = run_cli("train", "--run-dir", str(copy), "--epochs", "9", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "not bit-exact" in resumed.stderr
+    rows = [json.loads(line) for line in (copy / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 9 and rows[8]["train_loss"] < rows[7]["train_loss"] * 1.5
+
+
+def test_one_process_checkpoint_resumes_sharded_on_two_ranks(tmp_path):
+    assert run_cli("train", *FSDP, "--epochs", "2", "--run-dir", "run", "--quiet", cwd=tmp_path).returncode == 0
+    before = final_state(tmp_path / "run")
+    resumed = torchrun(*FSDP, "--epochs", "3", "--run-dir", "run", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resuming" in resumed.stdout and resumed.stderr.count("not bit-exact") == 1
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3] and rows[2]["train_loss"] < rows[1]["train_loss"]
+    after = final_state(tmp_path / "run")
+    assert list((CheckpointStore(tmp_path / "run" / "checkpoints").latest()).glob("shards-*"))
+    # Adam continued from the saved moments: its step count went on from there, it did not start again
+    steps = {float(s["step"]) for s in after["optimizer"]["state"].values()}
+    assert steps == {float(before["optimizer"]["state"][0]["step"]) + after["progress"]["step"] - before["progress"]["step"]}
+
+
+def test_dcp_metadata_naming_other_code_is_refused_not_run(tmp_path):
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    (tmp_path / ".metadata").write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(CheckpointError, match="refusing to load posix.system"):
+        SafeReader(tmp_path).read_metadata()
+    assert not marker.exists()

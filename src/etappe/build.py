@@ -73,6 +73,13 @@ def build_run(config: TrainConfig) -> Run:
     data = load_dataset(config.data, data_dir=config.data_dir, seed=config.seed)
     seed_everything(config.seed)
     model = models.build(config.model, data.spec.input_shape, data.spec.num_outputs, **config.model_kwargs)
+    if config.strategy == "fsdp":
+        from etappe import distributed
+        from etappe.loop import pick_device
+
+        device = pick_device(config.device)
+        if distributed.init_from_env(device):
+            distributed.shard(model, device)  # before the optimizer, which must hold the sharded parameters
     loss_fn = make_loss(config.loss, data)
     optimizer = make_optimizer(config, model.parameters())
     return Run(config, data, model, loss_fn, optimizer, make_scheduler(config, optimizer))

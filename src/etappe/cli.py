@@ -39,6 +39,7 @@ HELP = {
     "save_every": "also save a checkpoint every N optimizer steps",
     "save_every_seconds": "also save a checkpoint every T seconds",
     "async_save": "write checkpoints in a background thread",
+    "strategy": "under torchrun: ddp (replicate the model) or fsdp (shard model and optimizer state, FSDP2)",
     "keep_last": "checkpoints to keep, newest first",
     "keep_best": "checkpoints to keep, best by --monitor",
     "monitor": "metric for best checkpoints and early stopping (val_loss, val_accuracy)",
@@ -158,6 +159,7 @@ def _train(config: TrainConfig, allow_config_change: bool) -> int:
     start = time.perf_counter()
     from etappe.build import build_run, make_trainer
     from etappe.checkpoint.fsio import atomic_write_bytes
+    from etappe.checkpoint.sharded import full_state_dict
     from etappe.loop import evaluate
 
     run = build_run(config)
@@ -173,10 +175,13 @@ def _train(config: TrainConfig, allow_config_change: bool) -> int:
     clean = False
     try:
         trainer.fit(config.epochs)
+        if trainer.main or trainer.sharded:  # a sharded model computes with every rank
+            model = trainer.models["model"]
+            result = evaluate(model, run.data.test, run.loss_fn)
+            state = full_state_dict(model)
         if trainer.main:
-            result = evaluate(trainer.models["model"], run.data.test, run.loss_fn)
             weights = run_dir / "model.safetensors"
-            _save_weights(trainer.models["model"], weights)
+            _save_weights(state, weights)
             acc = f" | test accuracy {100 * result['accuracy']:.2f}%" if "accuracy" in result else ""
             print(f"Test loss {result['loss']:.4f}{acc} ({result['samples']} samples) | weights {weights} | "
                   f"{time.perf_counter() - start:.1f} s", flush=True)
@@ -186,13 +191,12 @@ def _train(config: TrainConfig, allow_config_change: bool) -> int:
     return 0
 
 
-def _save_weights(model: Any, path: Path) -> None:
+def _save_weights(state: dict, path: Path) -> None:
     from safetensors.torch import save as st_save
 
     from etappe.checkpoint.fsio import atomic_write_bytes
-    from etappe.state import unwrap
 
-    state = {k: v.detach().cpu().contiguous() for k, v in unwrap(model).state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     seen: dict[int, str] = {}
     unique = {}
     for k, v in state.items():  # tied weights: safetensors stores each storage once

@@ -21,6 +21,7 @@ else:  # pragma: no cover
 OPTIMIZERS = ("sgd", "adam", "adamw")
 LOSSES = ("cross-entropy", "mse", "l1", "bce")
 SCHEDULERS = ("none", "step", "cosine", "exponential")
+STRATEGIES = ("ddp", "fsdp")
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ class TrainConfig:
     save_every: int | None = None  # optimizer steps
     save_every_seconds: float | None = None
     async_save: bool = False
+    strategy: str = "ddp"  # under torchrun: replicate (DDP) or shard (FSDP2) the model
     keep_last: int = 2
     keep_best: int = 1
     monitor: str = "val_loss"
@@ -68,6 +70,11 @@ class TrainConfig:
             raise UsageError(f"unknown loss {self.loss!r}; choose one of: {', '.join(LOSSES)}")
         if self.scheduler not in SCHEDULERS:
             raise UsageError(f"unknown scheduler {self.scheduler!r}; choose one of: {', '.join(SCHEDULERS)}")
+        if self.strategy not in STRATEGIES:
+            raise UsageError(f"unknown strategy {self.strategy!r}; choose one of: {', '.join(STRATEGIES)}")
+        if self.strategy == "fsdp" and self.async_save:
+            raise UsageError("--async-save does not apply to --strategy fsdp (sharded state is saved by every rank "
+                             "together); drop one of them")
         if self.scheduler_interval not in ("epoch", "step"):
             raise bad("scheduler_interval", self.scheduler_interval, "'epoch' or 'step'")
         for name in ("epochs", "batch_size"):

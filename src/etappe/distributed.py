@@ -42,6 +42,21 @@ def init_from_env(device: torch.device) -> bool:
     return True
 
 
+def shard(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """FSDP2: shard ``model``'s parameters across the ranks, in place (``fully_shard`` on every submodule that owns
+    parameters, innermost first, then on the whole model). Create the optimizer after this."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (world_size(),))
+    model.to(device)
+    for module in reversed(list(model.modules())[1:]):
+        if next(module.parameters(recurse=False), None) is not None:
+            fully_shard(module, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

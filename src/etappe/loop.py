@@ -6,7 +6,7 @@
             forward, loss, zero_grad, backward, clip, optimizer.step()   (or the user's step_fn)
             scheduler.step() if stepped per batch
             count the step; save if a step or time cadence is due, or if preempted (then stop)
-        model.eval(); with torch.inference_mode(): evaluate on validation data
+        model.eval(); with torch.inference_mode() (no_grad for a sharded model): evaluate on validation data
         scheduler.step() if stepped per epoch
         append the epoch to the history, write metrics, print the summary line
         save (end of every epoch); stop early if the monitored metric stopped improving
@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from etappe import distributed, log
+from etappe.checkpoint import sharded
 from etappe.config import config_differences
 from etappe.data.sampler import EpochBatchSampler, ResumableBatches
 from etappe.data.sets import TensorData
@@ -108,7 +109,7 @@ def evaluate(
     loss_sum, correct, count = 0.0, 0, 0
     classification = False
     try:
-        with torch.inference_mode():
+        with no_grad(model):
             for x, y in _eval_batches(data, batch_size):
                 x, y = to_device(x, device), to_device(y, device)
                 out = model(x)
@@ -139,6 +140,12 @@ def _eval_batches(data: Any, batch_size: int) -> Iterator:
         yield from torch.utils.data.DataLoader(data, batch_size=batch_size)
 
 
+def no_grad(model: nn.Module):
+    """``torch.inference_mode()``, or ``torch.no_grad()`` for a sharded (FSDP2) model: the parameters it gathers
+    for the forward are reused by training, and inference tensors cannot be."""
+    return torch.no_grad() if sharded.is_sharded_module(model) else torch.inference_mode()
+
+
 def check_shapes(model: nn.Module, data: TensorData, num_outputs: int | None) -> None:
     """Run two samples through ``model`` in eval mode and say plainly when the shapes do not fit the data."""
     x, _ = data.batch(torch.arange(min(2, len(data))))
@@ -146,7 +153,7 @@ def check_shapes(model: nn.Module, data: TensorData, num_outputs: int | None) ->
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode():
+        with no_grad(model):
             out = model(x)
     except (RuntimeError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0]
@@ -195,6 +202,10 @@ class Trainer:
 
     Given a ``run_dir`` it saves checkpoints there and, when the folder already holds some, resumes from the
     newest valid one, exactly where it stopped.
+
+    Under torchrun the model is wrapped in DistributedDataParallel, unless it is already sharded with FSDP2
+    (``etappe.distributed.shard`` or ``fully_shard``, before its optimizer was made): then every rank saves and
+    loads its own shards through torch.distributed.checkpoint.
     """
 
     def __init__(
@@ -249,7 +260,11 @@ class Trainer:
         for m in self.models.values():
             m.to(self.device)
         self.model = model if model is not None else next(iter(self.models.values()))
-        if self.world_size > 1 and step_fn is None:
+        # FSDP2: a model already sharded (fully_shard, before its optimizer was made) is saved shard by shard
+        self.sharded = self.world_size > 1 and step_fn is None and sharded.is_sharded_module(self.model)
+        if self.sharded and async_save:
+            raise UsageError("async_save does not apply to a sharded (FSDP) model; every rank saves its shards together")
+        if self.world_size > 1 and step_fn is None and not self.sharded:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         self.optimizers: dict[str, Any] = dict(optimizers) if optimizers else ({"optimizer": optimizer} if optimizer else {})
@@ -355,7 +370,14 @@ class Trainer:
         # after all ranks reached this point, so a committed checkpoint holds every rank's part.
         self.per_rank.capture(distributed.all_gather_object(self.per_rank.mine()))
         path = None
-        if self.main:
+        if self.sharded:  # every rank writes its shards; rank 0 writes the rest and commits
+            objects = {**self.state_objects(), "config": self.config}
+            shards = {"model": objects.pop("model"), "optimizer": objects.pop("optimizer")}
+            try:
+                path = self.store.save(self.progress.step, objects, metrics, sharded=shards)
+            except EtappeError as exc:
+                raise TrainingError(f"saving the checkpoint at step {self.progress.step} failed, training stops: {exc}") from None
+        elif self.main:
             try:
                 path = self.store.save(self.progress.step, {**self.state_objects(), "config": self.config}, metrics)
                 if wait:

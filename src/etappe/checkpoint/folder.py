@@ -12,13 +12,13 @@ manifest and its files stand untouched.
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from etappe.checkpoint import codec, fsio, kinds, legacy, manifest, tensorfile
+from etappe.checkpoint import codec, fsio, kinds, legacy, manifest, sharded, tensorfile
 from etappe.checkpoint.errors import CheckpointError
 from etappe.errors import UsageError
 
@@ -70,8 +70,11 @@ def write(path: Path, objects: Mapping[str, Any], meta: Mapping[str, Any] | None
     return write_encoded(path, encode(objects), meta)  # encoded before touching the disk: state_dict() may raise
 
 
-def write_encoded(path: Path, encoded: Mapping[str, tuple[dict, dict]], meta: Mapping[str, Any] | None = None) -> Path:
-    """``write`` of objects already turned into ``encode``'s records and tensors (by the store's async save)."""
+def write_encoded(path: Path, encoded: Mapping[str, tuple[dict, dict]], meta: Mapping[str, Any] | None = None,
+                  shards: Callable[[Path], tuple[dict, dict]] | None = None) -> Path:
+    """``write`` of objects already turned into ``encode``'s records and tensors (by the store's async save).
+    ``shards(folder)``, if given, writes sharded entries into ``folder`` first (``sharded.write``) and returns
+    their records and files."""
     old_files = None
     if (path / manifest.MANIFEST).exists():
         try:
@@ -85,9 +88,9 @@ def write_encoded(path: Path, encoded: Mapping[str, tuple[dict, dict]], meta: Ma
         )
     try:
         if old_files is None:
-            _write_new(path, encoded, dict(meta or {}))
+            _write_new(path, encoded, dict(meta or {}), shards)
         else:
-            _overwrite(path, encoded, dict(meta or {}), old_files)
+            _overwrite(path, encoded, dict(meta or {}), old_files, shards)
     except OSError as e:
         what = f"{e.strerror} ({e.filename})" if e.filename else str(e)
         raise CheckpointError(f"cannot save checkpoint {path}: {what}; any previous checkpoint there is unchanged") from e
@@ -102,7 +105,8 @@ def read(path: Path) -> dict[str, Any]:
         state = json.loads(bytes(blobs[body["state"]]))
         tensors = {name: tensorfile.parse(blobs[e["tensors"]], path / e["tensors"]) if "tensors" in e else {}
                    for name, e in state["entries"].items()}
-        return {name: codec.decode(e["data"], tensors[name]) for name, e in state["entries"].items()}
+        return {name: sharded.Shards(path, e) if "shards" in e else codec.decode(e["data"], tensors[name])
+                for name, e in state["entries"].items()}
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise CheckpointError(
             f"{path / body['state']}: malformed checkpoint state ({type(e).__name__}: {e}); "
@@ -120,12 +124,18 @@ def restore(path: Path, entries: Mapping[str, Any], objects: Mapping[str, Any]) 
                 f"cannot restore {name!r} into a {type(obj).__name__}: pass objects with load_state_dict(); "
                 "plain values come back in load()'s result"
             )
+    if any(isinstance(entries[name], sharded.Shards) for name in objects):
+        sharded.restore(path, entries, objects)
+    done = sharded.restore_whole(path, entries, objects) if any(map(sharded.is_sharded, objects.values())) else set()
     for name, obj in objects.items():
         state = entries[name]
+        if isinstance(state, sharded.Shards) or name in done:
+            continue
         if not isinstance(obj, torch.nn.Module):  # a module copies into its parameters; an optimizer keeps the
             state = _owned(state, {})  # tensors it is given, which would pin the checkpoint's file until exit
         kinds.load_into(obj, state, f"{path} entry {name!r}")
-    return {name: value for name, value in entries.items() if name not in objects}
+    return {name: sharded.materialize(value) if isinstance(value, sharded.Shards) else value
+            for name, value in entries.items() if name not in objects}
 
 
 def _owned(value: Any, copies: dict[int, torch.Tensor]) -> Any:
@@ -162,7 +172,8 @@ def encode(objects: Mapping[str, Any]) -> dict[str, tuple[dict, dict[str, torch.
     return out
 
 
-def _write_files(folder: Path, encoded: dict, taken: set[str], written: dict[str, tuple[int, str]]) -> str:
+def _write_files(folder: Path, encoded: dict, taken: set[str], written: dict[str, tuple[int, str]],
+                 records: Mapping[str, dict]) -> str:
     """Write the state and tensor files into ``folder`` under names not in ``taken``, recording each in
     ``written`` ({name: (size, checksum)}) as it is started; return the state file's name. An entry's tensors
     are a dict of tensors, or a ``tensorfile.Image`` already holding the file (async save's snapshot)."""
@@ -188,18 +199,19 @@ def _write_files(folder: Path, encoded: dict, taken: set[str], written: dict[str
             record["tensors"] = put(f"{entry}.safetensors",
                                     lambda path, hasher: fsio.write_file(path, tensorfile.chunks(tensors), hasher))
         entries[entry] = record
+    entries.update(records)
     state = json.dumps({"entries": entries}, separators=(",", ":"), allow_nan=False).encode()
     return put(STATE, lambda path, hasher: fsio.write_file(path, [state], hasher))
 
 
-def _write_new(path: Path, encoded: dict, meta: dict) -> None:
+def _write_new(path: Path, encoded: dict, meta: dict, shards) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fsio.sweep(path.parent, path.name)
     tmp = fsio.temp_path(path)
     try:
         tmp.mkdir()
-        files: dict[str, tuple[int, str]] = {}
-        state = _write_files(tmp, encoded, set(), files)
+        records, files = shards(tmp) if shards is not None else ({}, {})
+        state = _write_files(tmp, encoded, set(), files, records)
         manifest.write(tmp, files, state, meta)
         fsio.fsync_dir(tmp)
         fsio.replace(tmp, path)  # the commit
@@ -208,19 +220,22 @@ def _write_new(path: Path, encoded: dict, meta: dict) -> None:
         raise
 
 
-def _overwrite(path: Path, encoded: dict, meta: dict, old_files: set[str]) -> None:
+def _overwrite(path: Path, encoded: dict, meta: dict, old_files: set[str], shards) -> None:
     tmp_manifest = fsio.temp_path(path / manifest.MANIFEST)
     files: dict[str, tuple[int, str]] = {}
     try:
-        state = _write_files(path, encoded, old_files, files)
+        records, shard_files = shards(path) if shards is not None else ({}, {})
+        files.update(shard_files)  # in a new shards-<random>/ beside the old one
+        state = _write_files(path, encoded, old_files, files, records)
         manifest.write(path, files, state, meta, name=tmp_manifest.name)
         fsio.replace(tmp_manifest, path / manifest.MANIFEST)  # the commit
     except BaseException:
-        for name in [*files, tmp_manifest.name]:
+        for name in {n.split("/")[0] for n in files} | {tmp_manifest.name}:
             fsio.remove_quietly(path / name)
         raise
+    kept = {name.split("/")[0] for name in files}
     for child in path.iterdir():  # the old checkpoint's files, and strays of earlier interrupted overwrites
-        if child.name not in files and child.name != manifest.MANIFEST:
+        if child.name not in kept and child.name != manifest.MANIFEST:
             fsio.remove_quietly(child)
     fsio.fsync_dir(path)
 

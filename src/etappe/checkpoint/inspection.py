@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from etappe.checkpoint import codec, kinds, legacy, manifest, tensorfile
+from etappe.checkpoint import codec, kinds, legacy, manifest, sharded, tensorfile
 from etappe.checkpoint.errors import CheckpointError
 
 _BUFFERS = ("running_mean", "running_var", "num_batches_tracked")  # in a module state_dict, not parameters
@@ -57,11 +57,20 @@ def inspect(path: str | os.PathLike, *, trusted: bool = False) -> dict[str, Any]
             except OSError as err:
                 raise CheckpointError(f"{file}: cannot read: {err.strerror}") from None
         try:
-            value = codec.decode(e["data"], tensors)
+            value = _sharded_value(path, e) if "shards" in e else codec.decode(e["data"], tensors)
         except (ValueError, KeyError, TypeError) as err:
             raise CheckpointError(f"{state_file}: malformed entry {name!r} ({type(err).__name__}: {err})") from None
         info["entries"].append(_describe(name, e["kind"], e.get("type"), value, e.get("parameters")))
     return info
+
+
+def _sharded_value(path: Path, record: Mapping[str, Any]) -> Any:
+    """A sharded entry: a model's whole-tensor shapes from DCP's metadata; an optimizer's state read whole."""
+    shards = sharded.Shards(path, record)
+    if record["kind"] != kinds.MODULE:
+        return sharded.materialize(shards)
+    return {name: tensorfile.TensorInfo(name, shape, dtype, size)
+            for name, (shape, dtype, size) in sharded.tensor_infos(shards).items()}
 
 
 def format_inspection(info: Mapping[str, Any]) -> str:

@@ -23,6 +23,7 @@ FORMAT_VERSION = 1
 CHECKSUM = "xxh3_128"  # ~20 GB/s in memory; crc32 ~4 GB/s, sha256 ~1.8 GB/s on the same machine
 _SELF = b'"manifest_checksum": "'
 _DIGITS = 32
+SHARDS = "shards-"  # the prefix of the subfolder DCP writes sharded state into (see sharded.py)
 
 
 def new_hasher():
@@ -144,7 +145,15 @@ def _check_digest(path: Path, entry: dict[str, Any], found: str) -> None:
 
 
 def _plain_name(name: str) -> bool:
-    return bool(name) and "/" not in name and "\\" not in name and name not in (".", "..") and name != MANIFEST
+    """A file directly in the checkpoint folder, or in its one subfolder of shards (``shards-<hex>/<file>``)."""
+    folder, _, file = name.rpartition("/")
+    if folder and not (folder.startswith(SHARDS) and _simple(folder)):
+        return False
+    return _simple(file) and name != MANIFEST
+
+
+def _simple(name: str) -> bool:
+    return bool(name) and "/" not in name and "\\" not in name and name not in (".", "..")
 
 
 def _etappe_version() -> str:

@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from etappe import distributed
 from etappe.checkpoint import background, codec, folder, fsio, manifest
+from etappe.checkpoint import sharded as shards
 from etappe.checkpoint.errors import CheckpointError, CheckpointWarning
 from etappe.errors import UsageError
 
@@ -75,19 +77,32 @@ class CheckpointStore:
     def path_for(self, step: int) -> Path:
         return self.root / f"step-{step:08d}"
 
-    def save(self, step: int, objects: Mapping[str, Any], metrics: Mapping[str, float] | None = None) -> Path:
+    def save(self, step: int, objects: Mapping[str, Any], metrics: Mapping[str, float] | None = None, *,
+             sharded: Mapping[str, Any] | None = None) -> Path:
         """Save ``objects`` (by name, as for ``save``) as the checkpoint of ``step``, then apply retention; return
         the checkpoint's path.
 
         With ``async_save``, first wait for the save in flight (raising its failure, if it failed, instead of
         saving: call again to retry), then take everything the checkpoint will hold (state_dicts, plain values,
         a copy of every tensor) and return; the checkpoint is committed when ``wait()`` returns.
+
+        ``sharded`` ({"model": an FSDP2 module, "optimizer": its optimizer}): every rank calls ``save``; each
+        writes its shards with torch.distributed.checkpoint, and rank 0 writes ``objects`` and commits once all
+        shards are written and hashed (``objects`` is ignored on the other ranks). Not with ``async_save``.
         """
         if not isinstance(step, int) or step < 0:
             raise UsageError(f"step must be a whole number >= 0, got {step!r}")
         metrics = {k: float(v) for k, v in (metrics or {}).items()}
         path = self.path_for(step)
         meta = {"step": step, "metrics": codec.encode(metrics, "metrics")[0]}
+        if sharded is not None:
+            if self.async_save:
+                raise UsageError("a store with async_save cannot save sharded state; use a synchronous store")
+            if distributed.rank() != 0:
+                shards.write(None, sharded)
+                return path
+            self._commit(path, folder.encode(objects), meta, step, lambda target: shards.write(target, sharded))
+            return path
         if not self.async_save:
             self._commit(path, folder.encode(objects), meta, step)
             return path
@@ -109,10 +124,10 @@ class CheckpointStore:
         finally:
             self._pool.clear()
 
-    def _commit(self, path: Path, encoded: dict, meta: dict, step: int) -> None:
+    def _commit(self, path: Path, encoded: dict, meta: dict, step: int, write_shards=None) -> None:
         if path.exists() and not (path / manifest.MANIFEST).exists():
             fsio.remove_tree(path)  # an uncommitted leftover at this step: nothing in it was ever valid
-        folder.write_encoded(path, encoded, meta)
+        folder.write_encoded(path, encoded, meta, write_shards)
         self._prune(newest=step)
 
     def checkpoints(self) -> list[Checkpoint]:

@@ -1,0 +1,318 @@
+"""Sharded state (FSDP2) inside an etappe checkpoint, written and read by ``torch.distributed.checkpoint``.
+
+Every rank writes its own shards of the model and optimizer with DCP into a subfolder of the checkpoint
+(``shards-<random>/``: ``__<rank>_<n>.distcp`` per rank and DCP's ``.metadata``), hashes what it wrote, and
+rank 0 lists all of it in the manifest, so the one commit, the checksums and the fallback cover the shards as
+they cover every other file. Loading goes through DCP too, which reshards: a checkpoint from N ranks loads on M
+ranks, or into a plain model in one process.
+
+DCP keeps its metadata as a pickle. It is read here by an unpickler that only builds DCP's own metadata
+classes (and torch.Size, dtypes, layouts, paths): a file naming anything else is refused, never run. The
+tensors and small values in the ``.distcp`` files are read by DCP with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import secrets
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from etappe.checkpoint import fsio, kinds, manifest
+from etappe.checkpoint.errors import CheckpointError
+from etappe.errors import UsageError
+
+PREFIX = manifest.SHARDS
+
+
+@dataclass(frozen=True)
+class Shards:
+    """A sharded entry as read from state.json: where its shards are and under which key DCP holds them."""
+
+    folder: Path  # the checkpoint folder
+    record: Mapping[str, Any]
+
+    @property
+    def directory(self) -> Path:
+        return self.folder / self.record["shards"]
+
+
+def is_sharded(obj: Any) -> bool:
+    """Whether ``obj`` is a module with sharded (DTensor) parameters."""
+    return isinstance(obj, torch.nn.Module) and is_sharded_module(obj)
+
+
+def is_sharded_module(module: torch.nn.Module) -> bool:
+    """Whether ``module`` (or a submodule) holds DTensor parameters, as FSDP2's ``fully_shard`` leaves it."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return False  # sharding needs a process group; and this spares importing DTensor
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in module.parameters())
+
+
+def full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state_dict of whole tensors: for a sharded module gathered on every rank (collective; rank 0
+    gets them, on the CPU), otherwise the unwrapped module's own."""
+    from etappe.state import unwrap
+
+    if not is_sharded_module(module):
+        return unwrap(module).state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+# ------------------------------------------------------------------ writing (every rank)
+
+
+def write(target: Path | None, objects: Mapping[str, Any]) -> tuple[dict[str, dict], dict[str, tuple[int, str]]]:
+    """Collective: every rank calls it with the same ``objects`` ({"model": module, "optimizer": optimizer of that
+    module}); rank 0 passes the folder being written (``target``), the others None. Returns, on rank 0, the
+    state.json records of the entries and the files written ({relative name: (size, checksum)}); elsewhere empty.
+    """
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    from etappe import distributed
+
+    modules = {n: o for n, o in objects.items() if isinstance(o, torch.nn.Module)}
+    optimizers = {n: o for n, o in objects.items() if not isinstance(o, torch.nn.Module)}
+    if len(modules) != 1 or len(optimizers) > 1:
+        raise UsageError(f"sharded checkpoints hold one model and at most one optimizer, got {', '.join(objects)}")
+    (module_name, module), = modules.items()
+    where = [None, None]  # rank 0 picks the subfolder and makes it; every rank writes its shards into it
+    if target is not None:
+        sub = f"{PREFIX}{secrets.token_hex(4)}"
+        (target / sub).mkdir()
+        where = [str(target / sub), sub]
+    if dist.is_initialized():
+        dist.broadcast_object_list(where, src=0)
+    directory, sub = Path(where[0]), where[1]
+    state = _state_dicts(module_name, module, optimizers)
+    writer = dcp.FileSystemWriter(directory, sync_files=True, overwrite=False)
+    dcp.save(state, storage_writer=writer)
+    rank = distributed.rank()
+    mine = {}
+    for path in sorted(directory.iterdir()):
+        if path.name.startswith(f"__{rank}_") or (rank == 0 and path.name == ".metadata"):
+            hasher, size = manifest.new_hasher(), 0
+            with open(path, "rb") as f:  # just written: read back from the page cache
+                while piece := f.read(8 << 20):
+                    hasher.update(piece)
+                    size += len(piece)
+            mine[f"{sub}/{path.name}"] = (size, hasher.hexdigest())
+    gathered = distributed.all_gather_object(mine)
+    if target is None:
+        return {}, {}
+    fsio.fsync_dir(directory)
+    files = {name: entry for part in gathered for name, entry in part.items()}
+    records = {module_name: {"kind": kinds.MODULE, "type": _unsharded_type(module), "shards": sub, "key": module_name,
+                             "parameters": sum(p.numel() for p in module.parameters())}}
+    for name, opt in optimizers.items():
+        records[name] = {"kind": kinds.OPTIMIZER, "type": kinds.type_name(opt), "shards": sub, "key": name,
+                         "module": module_name}
+    return records, files
+
+
+def _unsharded_type(module: torch.nn.Module) -> str:
+    """The model's own class name, not the FSDP<Name> class ``fully_shard`` swaps in."""
+    from torch.distributed.fsdp import FSDPModule
+
+    cls = next(c for c in type(module).__mro__ if not issubclass(c, FSDPModule))
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _state_dicts(module_name: str, module: torch.nn.Module, optimizers: Mapping[str, Any]) -> dict[str, Any]:
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+    if not optimizers:
+        return {module_name: get_model_state_dict(module)}
+    (name, opt), = optimizers.items()
+    model_state, optimizer_state = get_state_dict(module, opt)
+    return {module_name: model_state, name: optimizer_state}
+
+
+# ------------------------------------------------------------------ reading
+
+
+def restore(path: Path, entries: Mapping[str, Any], objects: Mapping[str, Any]) -> None:
+    """Load the sharded ``entries`` into ``objects`` (a module, with its optimizer if that is restored too), through
+    DCP with resharding. Collective under torch.distributed: every rank restores together."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
+
+    names = [n for n in objects if isinstance(entries[n], Shards)]
+    modules = [n for n in names if isinstance(objects[n], torch.nn.Module)]
+    for n in names:
+        if n not in modules and entries[n].record.get("module") not in modules:
+            raise UsageError(f"{path}: the sharded optimizer {n!r} is restored together with its model "
+                             f"{entries[n].record.get('module')!r}; pass both")
+    for module_name in modules:
+        optimizers = {n: objects[n] for n in names if entries[n].record.get("module") == module_name}
+        module = objects[module_name]
+        state = _state_dicts(module_name, module, optimizers)
+        directory = entries[module_name].directory
+        keys = {module_name: entries[module_name].record["key"], **{n: entries[n].record["key"] for n in optimizers}}
+        try:
+            with warnings.catch_warnings():  # one process alone is what we mean; DCP warns about it
+                warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+                dcp.load({keys[n]: s for n, s in state.items()}, storage_reader=SafeReader(directory))
+        except CheckpointError:
+            raise
+        except Exception as e:  # DCP's CheckpointException wraps a rank's failure
+            said = " ".join(str(e).split())[:500]
+            raise CheckpointError(f"cannot restore {path} entry {module_name!r} from its shards: {said}") from e
+        if optimizers:
+            (opt_name, opt), = optimizers.items()
+            set_state_dict(module, opt, model_state_dict=state[module_name], optim_state_dict=state[opt_name])
+        else:
+            set_model_state_dict(module, state[module_name])
+
+
+def restore_whole(path: Path, entries: Mapping[str, Any], objects: Mapping[str, Any]) -> set[str]:
+    """Load entries saved whole (by one process, or under DDP) into sharded modules and their optimizers: each rank
+    keeps its own shards. Returns the names restored. The optimizer's saved state is keyed by position, as
+    torch's is; position i is the i-th parameter of its param groups now, named as the module names it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+    whole = StateDictOptions(full_state_dict=True)
+    done = set()
+    for name, module in objects.items():
+        if not (isinstance(module, torch.nn.Module) and is_sharded_module(module)) or isinstance(entries[name], Shards):
+            continue
+        set_model_state_dict(module, entries[name], options=whole)
+        done.add(name)
+        names = {id(p): fqn for fqn, p in module.named_parameters()}
+        for opt_name, opt in objects.items():
+            saved = entries[opt_name]
+            if not isinstance(opt, torch.optim.Optimizer) or isinstance(saved, Shards):
+                continue
+            params = [p for group in opt.param_groups for p in group["params"]]
+            if not params or any(id(p) not in names for p in params):
+                continue
+            try:
+                by_position = {i: names[id(p)] for i, p in enumerate(params)}
+                state = {
+                    "state": {by_position[int(i)]: s for i, s in saved["state"].items()},
+                    "param_groups": [{**g, "params": [by_position[int(i)] for i in g["params"]]} for g in saved["param_groups"]],
+                }
+                set_optimizer_state_dict(module, opt, state, options=whole)
+            except (KeyError, ValueError, TypeError, RuntimeError) as e:
+                raise CheckpointError(f"cannot restore {path} entry {opt_name!r} into the sharded optimizer: {e}") from e
+            done.add(opt_name)
+    return done
+
+
+def materialize(shards: Shards) -> Any:
+    """The full (unsharded) state of a sharded entry, read in this process alone: a module's state_dict of whole
+    tensors, an optimizer's state keyed by parameter name."""
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    state: dict[str, Any] = {}
+    key = shards.record["key"]
+    # What torch.distributed.checkpoint.format_utils.dcp_to_torch_save does: build the state from the metadata.
+    _load_state_dict(state, storage_reader=SafeReader(shards.directory), planner=_EmptyStateDictLoadPlanner(keys={key}),
+                     no_dist=True)
+    return state[key]
+
+
+def tensor_infos(shards: Shards) -> dict[str, tuple[tuple[int, ...], str, int]]:
+    """{name: (shape, dtype, bytes)} of the whole tensors of a sharded entry, from DCP's metadata alone."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    key = shards.record["key"] + "."
+    out = {}
+    for name, md in SafeReader(shards.directory).read_metadata().state_dict_metadata.items():
+        if name.startswith(key) and isinstance(md, TensorStorageMetadata):
+            dtype = md.properties.dtype
+            numel = 1
+            for n in md.size:
+                numel *= n
+            out[name.removeprefix(key)] = (tuple(md.size), str(dtype).removeprefix("torch."), numel * dtype.itemsize)
+    return out
+
+
+def _allowed() -> dict[tuple[str, str], Any]:
+    import pathlib
+
+    import torch.distributed.checkpoint.filesystem as filesystem
+    import torch.distributed.checkpoint.metadata as metadata
+
+    allowed: dict[tuple[str, str], Any] = {
+        ("torch", "Size"): torch.Size,
+        ("torch.serialization", "_get_layout"): torch.serialization._get_layout,
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"): filesystem._StorageInfo,
+    }
+    for cls in (pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePosixPath, pathlib.PureWindowsPath):
+        allowed[("pathlib", cls.__name__)] = cls
+    for name in dir(metadata):  # DCP's metadata dataclasses and enums, and nothing callable beyond them
+        value = getattr(metadata, name)
+        if isinstance(value, type) and value.__module__ == metadata.__name__:
+            allowed[(metadata.__name__, name)] = value
+    for name in dir(torch):
+        if isinstance(getattr(torch, name, None), torch.dtype):
+            allowed[("torch", name)] = getattr(torch, name)
+    return allowed
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Builds DCP metadata and nothing else (the "restricting globals" recipe of Python's pickle documentation)."""
+
+    def __init__(self, file, where: Path) -> None:
+        super().__init__(file)
+        self.where = where
+        self.allowed = _allowed()
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return self.allowed[(module, name)]
+        except KeyError:
+            raise CheckpointError(
+                f"{self.where}: refusing to load {module}.{name}; DCP metadata holds only DCP's own classes, "
+                "so this file was not written by torch.distributed.checkpoint (or was altered)"
+            ) from None
+
+
+def _reader_class():
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeReader(dcp.FileSystemReader):
+        """DCP's file system reader with a metadata reader that never runs code from the file."""
+
+        def read_metadata(self, *args: Any, **kwargs: Any):
+            rank = kwargs.get("rank")
+            path = Path(self.path) / (".metadata" if rank is None else f"__{rank}.metadata")
+            try:
+                with open(path, "rb") as f:
+                    metadata = _MetadataUnpickler(f, path).load()
+            except CheckpointError:
+                raise
+            except (OSError, pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
+                raise CheckpointError(f"{path}: cannot read DCP metadata ({type(e).__name__}: {e})") from None
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeReader
+
+
+def SafeReader(path: str | os.PathLike):  # noqa: N802 - a class made on first use, so DCP is imported lazily
+    global _SAFE_READER
+    if _SAFE_READER is None:
+        _SAFE_READER = _reader_class()
+    return _SAFE_READER(path)
+
+
+_SAFE_READER = None
