@@ -47,6 +47,11 @@ def children(pid: int) -> list[int]:
     return out
 
 
+def rank_of(pid: int) -> int:
+    environ = (Path("/proc") / str(pid) / "environ").read_bytes().split(b"\0")
+    return int(next(v for v in environ if v.startswith(b"RANK=")).split(b"=")[1])
+
+
 def accuracy(stdout: str) -> float:
     return float(stdout.strip().splitlines()[-1].split("test accuracy ")[1].split("%")[0])
 
@@ -82,27 +87,33 @@ def test_checkpoint_has_no_ddp_prefix_and_every_ranks_random_state(two_rank_run)
         assert {"rng", "samples_in_epoch", "loss_sum_in_epoch"} <= set(part) and part["rng"]["torch"].numel() > 0
 
 
-def test_killed_rank_then_resume_on_two_ranks_is_bit_exact(two_rank_run, tmp_path):
-    ref_cwd, _ = two_rank_run
-    args = [*ARGS, "--epochs", "8", "--run-dir", "run", "--save-every", "9"]
-    proc = subprocess.Popen(torchrun_cmd(2, args), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+def kill_a_rank_and_resume(args: list[str], rank: int, cwd: Path) -> Path:
+    """Start the 2-rank run, SIGKILL ``rank`` once two checkpoints are committed, resume on 2 ranks; the run dir."""
+    proc = subprocess.Popen(torchrun_cmd(2, args), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
-    run_dir = tmp_path / "run"
+    run_dir = cwd / "run"
     assert wait_for(lambda: len(committed(run_dir)) >= 2, proc, timeout=300)
     time.sleep(0.3)
-    workers = children(proc.pid)
-    assert len(workers) == 2, workers
-    os.kill(workers[-1], signal.SIGKILL)  # one rank dies; torchrun takes the job down
+    workers = {rank_of(pid): pid for pid in children(proc.pid)}
+    assert sorted(workers) == [0, 1], workers
+    os.kill(workers[rank], signal.SIGKILL)  # one rank dies; torchrun takes the job down
     proc.communicate(timeout=300)
     assert proc.returncode != 0
-    resumed = torchrun(*args, cwd=tmp_path)
+    resumed = torchrun(*args, cwd=cwd)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Resuming" in resumed.stdout
-    assert_same_run(final_state(run_dir), final_state(ref_cwd / "run"))
+    return run_dir
 
 
-def test_two_rank_checkpoint_is_evaluated_exported_and_resumed_by_one_process(two_rank_run, tmp_path):
-    cwd, result = two_rank_run
+def test_killed_rank_then_resume_on_two_ranks_is_bit_exact(two_rank_run, tmp_path):
+    run_dir = kill_a_rank_and_resume([*ARGS, "--epochs", "8", "--run-dir", "run", "--save-every", "9"], 1, tmp_path)
+    assert_same_run(final_state(run_dir), final_state(two_rank_run[0] / "run"))
+
+
+def eval_export_and_resume_in_one_process(run, tmp_path: Path) -> list[dict]:
+    """A 2-rank run's checkpoint in one process: eval gives the run's own test accuracy, export works, training
+    resumes (saying it is not bit-exact) for a 9th epoch. Returns the resumed run's metric rows."""
+    cwd, result = run
     out = run_cli("eval", str(cwd / "run"), "--checkpoint", "latest", "--json", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert round(100 * json.loads(out.stdout)["accuracy"], 2) == accuracy(result.stdout)
@@ -110,11 +121,15 @@ def test_two_rank_checkpoint_is_evaluated_exported_and_resumed_by_one_process(tw
                        cwd=tmp_path)
     assert exported.returncode == 0, exported.stderr
     copy = tmp_path / "run"
-    subprocess.run(["cp", "-r", str(cwd / "run"), str(copy)], check=True)
+    shutil.copytree(cwd / "run", copy)
     resumed = run_cli("train", "--run-dir", str(copy), "--epochs", "9", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert "not bit-exact" in resumed.stderr
-    assert len((copy / "metrics.jsonl").read_text().splitlines()) == 9
+    return [json.loads(line) for line in (copy / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_rank_checkpoint_is_evaluated_exported_and_resumed_by_one_process(two_rank_run, tmp_path):
+    assert len(eval_export_and_resume_in_one_process(two_rank_run, tmp_path)) == 9
 
 
 def test_one_process_checkpoint_is_resumed_on_two_ranks(tmp_path):
@@ -168,53 +183,26 @@ def test_fsdp_trains_like_ddp_and_writes_every_ranks_shards_into_the_checkpoint(
 
 
 def test_fsdp_killed_rank_then_resume_on_two_ranks_is_bit_exact(fsdp_run, tmp_path):
-    ref_cwd, _ = fsdp_run
-    args = [*FSDP, "--epochs", "8", "--run-dir", "run", "--save-every", "9"]
-    proc = subprocess.Popen(torchrun_cmd(2, args), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    run_dir = tmp_path / "run"
-    assert wait_for(lambda: len(committed(run_dir)) >= 2, proc, timeout=300)
-    time.sleep(0.3)
-    workers = children(proc.pid)
-    assert len(workers) == 2, workers
-    os.kill(workers[0], signal.SIGKILL)  # rank 0, the one that commits
-    proc.communicate(timeout=300)
-    assert proc.returncode != 0
-    resumed = torchrun(*args, cwd=tmp_path)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "Resuming" in resumed.stdout
-    assert_same_run(final_state(run_dir), final_state(ref_cwd / "run"))
+    # rank 0, the one that commits
+    run_dir = kill_a_rank_and_resume([*FSDP, "--epochs", "8", "--run-dir", "run", "--save-every", "9"], 0, tmp_path)
+    assert_same_run(final_state(run_dir), final_state(fsdp_run[0] / "run"))
 
 
 def test_fsdp_checkpoint_reshards_into_one_process_for_eval_export_and_resume(fsdp_run, tmp_path):
-    cwd, result = fsdp_run
-    out = run_cli("eval", str(cwd / "run"), "--checkpoint", "latest", "--json", cwd=tmp_path)
-    assert out.returncode == 0, out.stderr
-    assert round(100 * json.loads(out.stdout)["accuracy"], 2) == accuracy(result.stdout)
-    exported = run_cli("export", str(cwd / "run"), "--format", "torchscript", "--out", str(tmp_path / "m.pt"),
-                       cwd=tmp_path)
-    assert exported.returncode == 0, exported.stderr
+    rows = eval_export_and_resume_in_one_process(fsdp_run, tmp_path)
+    assert len(rows) == 9 and rows[8]["train_loss"] < rows[7]["train_loss"] * 1.5
 
     # into a plain model and Adam: the same numbers as the shards hold, the optimizer state by position
-    latest = CheckpointStore(cwd / "run" / "checkpoints").latest()
+    latest = CheckpointStore(fsdp_run[0] / "run" / "checkpoints").latest()
     whole = load(latest)
     model = models.build("cnn", (1, 8, 8), 10)
     optimizer = torch.optim.Adam(model.parameters(), lr=5e-3)
     load(latest, model=model, optimizer=optimizer)
-    names = [name for name, _ in model.named_parameters()]
     for k, v in model.state_dict().items():
         assert torch.equal(v, whole["model"][k]), k
-    for i, name in enumerate(names):
+    for i, (name, _) in enumerate(model.named_parameters()):
         for key in ("exp_avg", "exp_avg_sq", "step"):
             assert torch.equal(optimizer.state_dict()["state"][i][key], whole["optimizer"]["state"][name][key])
-
-    copy = tmp_path / "run"
-    shutil.copytree(cwd / "run", copy)
-    resumed = run_cli("train", "--run-dir", str(copy), "--epochs", "9", cwd=tmp_path)
-    assert resumed.returncode == 0, resumed.stderr
-    assert "not bit-exact" in resumed.stderr
-    rows = [json.loads(line) for line in (copy / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows) == 9 and rows[8]["train_loss"] < rows[7]["train_loss"] * 1.5
 
 
 def test_one_process_checkpoint_resumes_sharded_on_two_ranks(tmp_path):

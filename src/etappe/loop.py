@@ -393,6 +393,11 @@ class Trainer:
         if self.store is None and path is None:
             return None
         if path is None:
+            if self.main:
+                try:
+                    self.store.wait()  # a background save in flight is the newest checkpoint once committed
+                except EtappeError as exc:
+                    log.warn(f"the last background save failed, resuming from the checkpoint before it: {exc}")
             path = self.store.latest()
             if path is None:
                 return None
@@ -486,14 +491,14 @@ class Trainer:
             if self.store is not None and self.main:
                 try:
                     self.store.wait()  # an async write in flight holds a good state from before the failure
-                except EtappeError:
-                    pass
+                except EtappeError as exc:
+                    log.warn(f"the checkpoint being written in the background failed as well: {exc}")
             raise
         if writer is not None:
             writer.close()
         if self.store is not None and self.main:
             try:
-                self.store.wait()  # an async write in flight is committed before fit returns
+                self.store.close()  # an async write in flight is committed before fit returns; its buffers freed
             except EtappeError as exc:
                 raise TrainingError(f"the last checkpoint could not be written: {exc}") from None
         if self.run_dir is not None and self.main:
