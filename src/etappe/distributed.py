@@ -89,6 +89,15 @@ def all_gather_object(obj: object) -> list:
     return out
 
 
+def broadcast_object(obj: object) -> object:
+    """Rank 0's ``obj`` on every rank (``obj`` itself outside a process group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def any_rank(*flags: bool) -> list[bool]:
     """For each flag, whether it is true on any rank, so every rank takes the same branch."""
     if not (dist.is_available() and dist.is_initialized()):

@@ -261,7 +261,9 @@ class Trainer:
             m.to(self.device)
         self.model = model if model is not None else next(iter(self.models.values()))
         # FSDP2: a model already sharded (fully_shard, before its optimizer was made) is saved shard by shard
-        self.sharded = self.world_size > 1 and step_fn is None and sharded.is_sharded_module(self.model)
+        self.sharded = any(sharded.is_sharded_module(m) for m in self.models.values())
+        if self.sharded and (step_fn is not None or len(self.models) != 1 or (optimizers and len(optimizers) != 1)):
+            raise UsageError("a sharded (FSDP) model trains here as one model with one optimizer and no step_fn")
         if self.sharded and async_save:
             raise UsageError("async_save does not apply to a sharded (FSDP) model; every rank saves its shards together")
         if self.world_size > 1 and step_fn is None and not self.sharded:
@@ -372,12 +374,17 @@ class Trainer:
         path = None
         if self.sharded:  # every rank writes its shards; rank 0 writes the rest and commits
             objects = {**self.state_objects(), "config": self.config}
-            shards = {"model": objects.pop("model"), "optimizer": objects.pop("optimizer")}
+            shards = {name: objects.pop(name) for name in [*self.models, *self.optimizers]}
+            error = None
             try:
                 path = self.store.save(self.progress.step, objects, metrics, sharded=shards)
             except EtappeError as exc:
-                raise TrainingError(f"saving the checkpoint at step {self.progress.step} failed, training stops: {exc}") from None
-        elif self.main:
+                error = str(exc)
+            failed = [e for e in distributed.all_gather_object(error) if e]  # every rank stops, with one reason
+            if failed:
+                raise TrainingError(f"saving the checkpoint at step {self.progress.step} failed, training stops: {failed[0]}")
+            return path
+        if self.main:
             try:
                 path = self.store.save(self.progress.step, {**self.state_objects(), "config": self.config}, metrics)
                 if wait:
@@ -398,7 +405,8 @@ class Trainer:
                     self.store.wait()  # a background save in flight is the newest checkpoint once committed
                 except EtappeError as exc:
                     log.warn(f"the last background save failed, resuming from the checkpoint before it: {exc}")
-            path = self.store.latest()
+            # rank 0 picks, so every rank loads the same one even if a check fails on one rank alone
+            path = distributed.broadcast_object(self.store.latest() if self.main else None)
             if path is None:
                 return None
         from etappe.checkpoint import load

@@ -105,8 +105,8 @@ def read(path: Path) -> dict[str, Any]:
         state = json.loads(bytes(blobs[body["state"]]))
         tensors = {name: tensorfile.parse(blobs[e["tensors"]], path / e["tensors"]) if "tensors" in e else {}
                    for name, e in state["entries"].items()}
-        return {name: sharded.Shards(path, e) if "shards" in e else codec.decode(e["data"], tensors[name])
-                for name, e in state["entries"].items()}
+        return {name: sharded.Shards.of(path, e, body["files"]) if "shards" in e
+                else codec.decode(e["data"], tensors[name]) for name, e in state["entries"].items()}
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise CheckpointError(
             f"{path / body['state']}: malformed checkpoint state ({type(e).__name__}: {e}); "
@@ -159,6 +159,11 @@ def encode(objects: Mapping[str, Any]) -> dict[str, tuple[dict, dict[str, torch.
         if not isinstance(name, str) or not _ENTRY_NAME.fullmatch(name):
             raise UsageError(f"cannot save an entry named {name!r}: use letters, digits, '_' and '-'")
         kind = kinds.of_object(obj)
+        if kind == kinds.MODULE and sharded.is_sharded_module(obj):
+            raise UsageError(
+                f"{name!r} is sharded (FSDP): one process cannot save it whole; save it with every rank through "
+                "the Trainer or CheckpointStore.save(step, objects, sharded={...})"
+            )
         record: dict[str, Any] = {"kind": kind}
         if kind != kinds.VALUE:
             record["type"] = kinds.type_name(obj)

@@ -57,16 +57,16 @@ def inspect(path: str | os.PathLike, *, trusted: bool = False) -> dict[str, Any]
             except OSError as err:
                 raise CheckpointError(f"{file}: cannot read: {err.strerror}") from None
         try:
-            value = _sharded_value(path, e) if "shards" in e else codec.decode(e["data"], tensors)
+            value = _sharded_value(path, e, body["files"]) if "shards" in e else codec.decode(e["data"], tensors)
         except (ValueError, KeyError, TypeError) as err:
             raise CheckpointError(f"{state_file}: malformed entry {name!r} ({type(err).__name__}: {err})") from None
         info["entries"].append(_describe(name, e["kind"], e.get("type"), value, e.get("parameters")))
     return info
 
 
-def _sharded_value(path: Path, record: Mapping[str, Any]) -> Any:
+def _sharded_value(path: Path, record: Mapping[str, Any], files: Mapping[str, Any]) -> Any:
     """A sharded entry: a model's whole-tensor shapes from DCP's metadata; an optimizer's state read whole."""
-    shards = sharded.Shards(path, record)
+    shards = sharded.Shards.of(path, record, files)
     if record["kind"] != kinds.MODULE:
         return sharded.materialize(shards)
     return {name: tensorfile.TensorInfo(name, shape, dtype, size)

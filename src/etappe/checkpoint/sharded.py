@@ -6,15 +6,17 @@ rank 0 lists all of it in the manifest, so the one commit, the checksums and the
 they cover every other file. Loading goes through DCP too, which reshards: a checkpoint from N ranks loads on M
 ranks, or into a plain model in one process.
 
-DCP keeps its metadata as a pickle. It is read here by an unpickler that only builds DCP's own metadata
-classes (and torch.Size, dtypes, layouts, paths): a file naming anything else is refused, never run. The
-tensors and small values in the ``.distcp`` files are read by DCP with ``torch.load(weights_only=True)``.
+DCP keeps its metadata as a pickle, and small values (an optimizer's param groups) as ``torch.save`` blobs that
+its load planners unpickle fully. Here the metadata is read by an unpickler that only builds DCP's own metadata
+classes (and torch.Size, dtypes, layouts, paths) and never sets state on a class; the values by planners that use
+``torch.load(weights_only=True)``; and only files the manifest lists are read. Anything else is refused, never run.
 """
 
 from __future__ import annotations
 
 import os
 import pickle
+import re
 import secrets
 import warnings
 from collections.abc import Mapping
@@ -33,14 +35,31 @@ PREFIX = manifest.SHARDS
 
 @dataclass(frozen=True)
 class Shards:
-    """A sharded entry as read from state.json: where its shards are and under which key DCP holds them."""
+    """A sharded entry as read from state.json: where its shards are, which files the manifest lists there, and
+    under which key DCP holds the entry."""
 
     folder: Path  # the checkpoint folder
     record: Mapping[str, Any]
+    listed: frozenset[str]  # file names in the shards subfolder, as the manifest lists them
+
+    @classmethod
+    def of(cls, folder: Path, record: Mapping[str, Any], files: Mapping[str, Any]) -> "Shards":
+        sub = record.get("shards")
+        if not (isinstance(sub, str) and _SUBFOLDER.fullmatch(sub) and f"{sub}/.metadata" in files
+                and isinstance(record.get("key"), str)):
+            raise CheckpointError(f"{folder}: a sharded entry names shards {sub!r} that the manifest does not list")
+        listed = frozenset(name.split("/", 1)[1] for name in files if name.startswith(sub + "/"))
+        return cls(folder, record, listed)
 
     @property
     def directory(self) -> Path:
         return self.folder / self.record["shards"]
+
+    def reader(self):
+        return SafeReader(self.directory, self.listed)
+
+
+_SUBFOLDER = re.compile(re.escape(PREFIX) + "[0-9a-f]{8}")
 
 
 def is_sharded(obj: Any) -> bool:
@@ -78,49 +97,108 @@ def write(target: Path | None, objects: Mapping[str, Any]) -> tuple[dict[str, di
     """Collective: every rank calls it with the same ``objects`` ({"model": module, "optimizer": optimizer of that
     module}); rank 0 passes the folder being written (``target``), the others None. Returns, on rank 0, the
     state.json records of the entries and the files written ({relative name: (size, checksum)}); elsewhere empty.
+    A failure on any rank raises CheckpointError on every rank (rank 0 then removes what was written).
     """
-    import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
 
     from etappe import distributed
 
-    modules = {n: o for n, o in objects.items() if isinstance(o, torch.nn.Module)}
-    optimizers = {n: o for n, o in objects.items() if not isinstance(o, torch.nn.Module)}
-    if len(modules) != 1 or len(optimizers) > 1:
-        raise UsageError(f"sharded checkpoints hold one model and at most one optimizer, got {', '.join(objects)}")
-    (module_name, module), = modules.items()
-    where = [None, None]  # rank 0 picks the subfolder and makes it; every rank writes its shards into it
+    module_name, module, optimizers = _split(objects)
+    where: list = [None, None, None]  # rank 0 picks the subfolder and makes it; every rank writes into it
     if target is not None:
         sub = f"{PREFIX}{secrets.token_hex(4)}"
-        (target / sub).mkdir()
-        where = [str(target / sub), sub]
-    if dist.is_initialized():
-        dist.broadcast_object_list(where, src=0)
+        try:
+            (target / sub).mkdir()
+            where = [str(target / sub), sub, None]
+        except OSError as e:
+            where = [None, None, f"cannot make {target / sub}: {e.strerror}"]
+    where = distributed.broadcast_object(where)
+    if where[2] is not None:
+        raise CheckpointError(where[2])
     directory, sub = Path(where[0]), where[1]
-    state = _state_dicts(module_name, module, optimizers)
-    writer = dcp.FileSystemWriter(directory, sync_files=True, overwrite=False)
-    dcp.save(state, storage_writer=writer)
-    rank = distributed.rank()
-    mine = {}
-    for path in sorted(directory.iterdir()):
-        if path.name.startswith(f"__{rank}_") or (rank == 0 and path.name == ".metadata"):
-            hasher, size = manifest.new_hasher(), 0
-            with open(path, "rb") as f:  # just written: read back from the page cache
-                while piece := f.read(8 << 20):
-                    hasher.update(piece)
-                    size += len(piece)
-            mine[f"{sub}/{path.name}"] = (size, hasher.hexdigest())
-    gathered = distributed.all_gather_object(mine)
-    if target is None:
-        return {}, {}
-    fsio.fsync_dir(directory)
-    files = {name: entry for part in gathered for name, entry in part.items()}
+    try:
+        try:
+            state = _state_dicts(module_name, module, optimizers)
+            dcp.save(state, storage_writer=dcp.FileSystemWriter(directory, sync_files=True, overwrite=False))
+        except _failures() as e:  # DCP gathers every rank's failure and raises it on all of them
+            raise _dcp_error(e, f"writing the shards into {directory} failed") from None
+        mine = _hash_own_files(directory, sub, distributed.rank())
+        gathered = distributed.all_gather_object(mine)
+        failed = [part["error"] for part in gathered if "error" in part]
+        if failed:
+            raise CheckpointError(f"reading back the shards in {directory} failed: {failed[0]}")
+        if target is None:
+            return {}, {}
+        files = {name: entry for part in gathered for name, entry in part.items()}
+        SafeReader(directory, {name.split("/", 1)[1] for name in files}).read_metadata()  # every file it names is listed
+        fsio.fsync_dir(directory)
+    except BaseException:
+        if target is not None:
+            fsio.remove_quietly(directory)
+        raise
     records = {module_name: {"kind": kinds.MODULE, "type": _unsharded_type(module), "shards": sub, "key": module_name,
                              "parameters": sum(p.numel() for p in module.parameters())}}
     for name, opt in optimizers.items():
         records[name] = {"kind": kinds.OPTIMIZER, "type": kinds.type_name(opt), "shards": sub, "key": name,
                          "module": module_name}
     return records, files
+
+
+def write_failed(message: str) -> None:
+    """Rank 0 failed before ``write``: tell the ranks waiting in it, so every rank raises instead of hanging."""
+    from etappe import distributed
+
+    distributed.broadcast_object([None, None, message])
+
+
+def _split(objects: Mapping[str, Any]) -> tuple[str, torch.nn.Module, dict[str, Any]]:
+    modules = {n: o for n, o in objects.items() if isinstance(o, torch.nn.Module)}
+    optimizers = {n: o for n, o in objects.items() if not isinstance(o, torch.nn.Module)}
+    if len(modules) != 1 or len(optimizers) > 1:
+        raise UsageError(f"sharded checkpoints hold one model and at most one optimizer, got {', '.join(objects)}")
+    (module_name, module), = modules.items()
+    return module_name, module, optimizers
+
+
+def _hash_own_files(directory: Path, sub: str, rank: int) -> dict:
+    """{"<sub>/<file>": (size, checksum)} of the files this rank wrote (rank 0: DCP's .metadata too)."""
+    mine = {}
+    try:
+        for path in sorted(directory.iterdir()):
+            if path.name.startswith(f"__{rank}_") or (rank == 0 and path.name == ".metadata"):
+                hasher, size = manifest.new_hasher(), 0
+                with open(path, "rb") as f:  # just written: read back from the page cache
+                    while piece := f.read(8 << 20):
+                        hasher.update(piece)
+                        size += len(piece)
+                mine[f"{sub}/{path.name}"] = (size, hasher.hexdigest())
+    except OSError as e:
+        return {"error": f"rank {rank}: {e.strerror} ({e.filename})"}
+    return mine
+
+
+def _failures() -> tuple[type[BaseException], ...]:
+    """What a DCP call raises: its CheckpointException (a BaseException) or any error. Imported only when one
+    happens, since importing DCP costs ~0.7 s."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    return (Exception, CheckpointException)
+
+
+def _dcp_error(e: BaseException, what: str) -> CheckpointError:
+    """A failure of DCP as one CheckpointError: a rank's own CheckpointError as it was raised (DCP wraps it in a
+    CheckpointException of every rank's failures), anything else in one line after ``what``."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    causes = [exc for exc, _ in e.failures.values()] if isinstance(e, CheckpointException) else [e]
+    for cause in causes:
+        if isinstance(cause, CheckpointError):
+            return cause
+    return CheckpointError(f"{what}: " + "; ".join(f"{type(c).__name__}: {_one_line(c)}" for c in causes))
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:500] or type(e).__name__
 
 
 def _unsharded_type(module: torch.nn.Module) -> str:
@@ -160,17 +238,14 @@ def restore(path: Path, entries: Mapping[str, Any], objects: Mapping[str, Any]) 
         optimizers = {n: objects[n] for n in names if entries[n].record.get("module") == module_name}
         module = objects[module_name]
         state = _state_dicts(module_name, module, optimizers)
-        directory = entries[module_name].directory
         keys = {module_name: entries[module_name].record["key"], **{n: entries[n].record["key"] for n in optimizers}}
         try:
             with warnings.catch_warnings():  # one process alone is what we mean; DCP warns about it
                 warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
-                dcp.load({keys[n]: s for n, s in state.items()}, storage_reader=SafeReader(directory))
-        except CheckpointError:
-            raise
-        except Exception as e:  # DCP's CheckpointException wraps a rank's failure
-            said = " ".join(str(e).split())[:500]
-            raise CheckpointError(f"cannot restore {path} entry {module_name!r} from its shards: {said}") from e
+                dcp.load({keys[n]: s for n, s in state.items()}, storage_reader=entries[module_name].reader(),
+                         planner=_classes().planner())
+        except _failures() as e:
+            raise _dcp_error(e, f"cannot restore {path} entry {module_name!r} from its shards") from None
         if optimizers:
             (opt_name, opt), = optimizers.items()
             set_state_dict(module, opt, model_state_dict=state[module_name], optim_state_dict=state[opt_name])
@@ -215,14 +290,16 @@ def restore_whole(path: Path, entries: Mapping[str, Any], objects: Mapping[str, 
 def materialize(shards: Shards) -> Any:
     """The full (unsharded) state of a sharded entry, read in this process alone: a module's state_dict of whole
     tensors, an optimizer's state keyed by parameter name."""
-    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
     state: dict[str, Any] = {}
     key = shards.record["key"]
     # What torch.distributed.checkpoint.format_utils.dcp_to_torch_save does: build the state from the metadata.
-    _load_state_dict(state, storage_reader=SafeReader(shards.directory), planner=_EmptyStateDictLoadPlanner(keys={key}),
-                     no_dist=True)
+    try:
+        _load_state_dict(state, storage_reader=shards.reader(), planner=_classes().empty_planner(keys={key}),
+                         no_dist=True)
+    except _failures() as e:
+        raise _dcp_error(e, f"cannot read the shards in {shards.directory}") from None
     return state[key]
 
 
@@ -232,7 +309,7 @@ def tensor_infos(shards: Shards) -> dict[str, tuple[tuple[int, ...], str, int]]:
 
     key = shards.record["key"] + "."
     out = {}
-    for name, md in SafeReader(shards.directory).read_metadata().state_dict_metadata.items():
+    for name, md in shards.reader().read_metadata().state_dict_metadata.items():
         if name.startswith(key) and isinstance(md, TensorStorageMetadata):
             dtype = md.properties.dtype
             numel = 1
@@ -265,30 +342,52 @@ def _allowed() -> dict[tuple[str, str], Any]:
     return allowed
 
 
-class _MetadataUnpickler(pickle.Unpickler):
-    """Builds DCP metadata and nothing else (the "restricting globals" recipe of Python's pickle documentation)."""
+class _MetadataUnpickler(pickle._Unpickler):  # the Python one: its opcodes can be overridden
+    """Builds DCP metadata and nothing else (the "restricting globals" recipe of Python's pickle documentation):
+    globals only from the allowlist, and state set only on instances of allowed classes, never on a class."""
+
+    dispatch = dict(pickle._Unpickler.dispatch)
 
     def __init__(self, file, where: Path) -> None:
         super().__init__(file)
         self.where = where
         self.allowed = _allowed()
+        self.classes = tuple(v for v in self.allowed.values() if isinstance(v, type))
 
     def find_class(self, module: str, name: str) -> Any:
         try:
             return self.allowed[(module, name)]
         except KeyError:
-            raise CheckpointError(
-                f"{self.where}: refusing to load {module}.{name}; DCP metadata holds only DCP's own classes, "
-                "so this file was not written by torch.distributed.checkpoint (or was altered)"
-            ) from None
+            raise self._refuse(f"{module}.{name}") from None
+
+    def load_build(self) -> None:
+        target = self.stack[-2]
+        if isinstance(target, type) or not isinstance(target, self.classes):
+            raise self._refuse(f"setting the state of {type(target).__name__!r} {target!r}"[:200])
+        pickle._Unpickler.load_build(self)
+
+    dispatch[pickle.BUILD[0]] = load_build
+
+    def _refuse(self, what: str) -> CheckpointError:
+        return CheckpointError(
+            f"{self.where}: refusing to load {what}; DCP metadata holds only DCP's own classes, "
+            "so this file was not written by torch.distributed.checkpoint (or was altered)"
+        )
 
 
-def _reader_class():
+def _make_classes():
+    """DCP's reader and load planners made safe, built on first use so DCP is imported only when needed."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, _EmptyStateDictLoadPlanner
     from torch.distributed.checkpoint.metadata import StorageMeta
 
     class SafeReader(dcp.FileSystemReader):
-        """DCP's file system reader with a metadata reader that never runs code from the file."""
+        """DCP's file system reader that reads metadata without running code from it, and only files the
+        manifest lists (``listed``; None: not checked)."""
+
+        def __init__(self, path: str | os.PathLike, listed: frozenset[str] | set[str] | None = None) -> None:
+            super().__init__(path)
+            self.listed = listed
 
         def read_metadata(self, *args: Any, **kwargs: Any):
             rank = kwargs.get("rank")
@@ -298,21 +397,53 @@ def _reader_class():
                     metadata = _MetadataUnpickler(f, path).load()
             except CheckpointError:
                 raise
-            except (OSError, pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
+            except Exception as e:  # anything malformed: a truncated stream, a wrong argument to a class
                 raise CheckpointError(f"{path}: cannot read DCP metadata ({type(e).__name__}: {e})") from None
+            if self.listed is not None:
+                for info in (metadata.storage_data or {}).values():
+                    name = getattr(info, "relative_path", None)
+                    if not isinstance(name, str) or name not in self.listed:
+                        raise CheckpointError(f"{path}: names a data file {name!r} that the manifest does not list")
             if getattr(metadata, "storage_meta", None) is None:
                 metadata.storage_meta = StorageMeta()
             metadata.storage_meta.load_id = self.load_id
             return metadata
 
-    return SafeReader
+    def load_bytes(self, read_item, value) -> None:
+        """DCP's own ``load_bytes``, with ``torch.load(weights_only=True)`` instead of a full unpickle."""
+        try:
+            obj = torch.load(value, weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise CheckpointError(f"refusing to load a value of the shards: {_one_line(e)}") from None
+        if self.flatten_state_dict:
+            from torch.distributed.checkpoint._traverse import set_element
+
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = obj
+
+    planner = type("SafeLoadPlanner", (DefaultLoadPlanner,), {"load_bytes": load_bytes})
+    empty_planner = type("SafeEmptyStateDictLoadPlanner", (_EmptyStateDictLoadPlanner,), {"load_bytes": load_bytes})
+    return _Classes(SafeReader, planner, empty_planner)
 
 
-def SafeReader(path: str | os.PathLike):  # noqa: N802 - a class made on first use, so DCP is imported lazily
-    global _SAFE_READER
-    if _SAFE_READER is None:
-        _SAFE_READER = _reader_class()
-    return _SAFE_READER(path)
+@dataclass(frozen=True)
+class _Classes:
+    reader: type
+    planner: type
+    empty_planner: type
 
 
-_SAFE_READER = None
+_CLASSES: _Classes | None = None
+
+
+def _classes() -> _Classes:
+    global _CLASSES
+    if _CLASSES is None:
+        _CLASSES = _make_classes()
+    return _CLASSES
+
+
+def SafeReader(path: str | os.PathLike, listed: frozenset[str] | set[str] | None = None):  # noqa: N802
+    """DCP's FileSystemReader for ``path`` that never runs code from its metadata and reads only ``listed`` files."""
+    return _classes().reader(path, listed)

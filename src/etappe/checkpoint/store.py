@@ -101,7 +101,18 @@ class CheckpointStore:
             if distributed.rank() != 0:
                 shards.write(None, sharded)
                 return path
-            self._commit(path, folder.encode(objects), meta, step, lambda target: shards.write(target, sharded))
+            started = []
+
+            def write_shards(target: Path) -> tuple[dict, dict]:
+                started.append(target)
+                return shards.write(target, sharded)
+
+            try:
+                self._commit(path, folder.encode(objects), meta, step, write_shards)
+            except BaseException as e:
+                if not started:  # the other ranks wait in shards.write for a folder that will not come
+                    shards.write_failed(f"rank 0 could not start checkpoint {path}: {e}")
+                raise
             return path
         if not self.async_save:
             self._commit(path, folder.encode(objects), meta, step)
