@@ -167,6 +167,10 @@ def test_fsdp_trains_like_ddp_and_writes_every_ranks_shards_into_the_checkpoint(
     assert set(state["optimizer"]["state"]) == set(dict(plain.named_parameters()))
     weights = load_file(str(cwd / "run" / "model.safetensors"))  # gathered from the shards at the end
     assert all(torch.equal(weights[k], state["model"][k]) for k in weights)
+    shown = run_cli("inspect", str(latest), cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    assert f"model: CNN state_dict, {sum(p.numel() for p in plain.parameters()):,} parameters" in shown.stdout
+    assert "optimizer: Adam, state for 6 params (18 tensors" in shown.stdout and "conv1.weight\t[8, 1, 3, 3]" in shown.stdout
 
     copy = tmp_path / "run"
     shutil.copytree(cwd / "run", copy)
