@@ -64,16 +64,18 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes | memoryview) -> Non
 # 2 MB beat 8 MB and whole tensors here, and a foreground that trains meanwhile keeps more of its cache.
 PIECE = 2 << 20
 DIRECT_MIN = 8 << 20  # files at least this large go around the page cache (``write_file``)
-DIRECT_PIECE = 32 << 20  # bytes per O_DIRECT write: 16-64 MB did alike here, 8 MB kept the disk less busy
+DIRECT_PIECE = 16 << 20  # bytes per O_DIRECT write (4 of the disk's 4 MB requests); 8-64 MB did alike here
 
 
 def write_file(path: Path, chunks: Iterable[bytes | memoryview], hasher=None) -> int:
     """Write ``chunks`` to a new file, feeding each to ``hasher`` on the way, and fsync it. Returns the size.
 
     A file of DIRECT_MIN bytes or more goes to the disk with O_DIRECT where the file system has it: the chunks are
-    copied (and hashed) into one of two reused page-aligned buffers while a helper thread writes the other. Through
-    the page cache, each save takes fresh pages, and on this VM (free page reporting) those cost the host a fault
-    each: the same write ran at 0.5-2.5 GB/s by luck and spent up to 6x the CPU; around it, at the disk's speed.
+    copied (and hashed) into one of two reused page-aligned buffers while a helper thread writes the other. Why:
+    through the page cache every save fills fresh pages, and on a VM that hands freed pages back to its host (free
+    page reporting, as on the benchmark machine) each costs a host fault: the same 3.2 GB write ran at 0.5-2.5 GB/s
+    by luck, with up to 6x the CPU. Around the cache it ran at 1.6-2.3 GB/s, with half the CPU of a bare
+    safetensors write. Elsewhere (tmpfs), through the page cache, as smaller files always are.
     """
     views = [memoryview(chunk).cast("B") for chunk in chunks]
     size = sum(len(view) for view in views)
