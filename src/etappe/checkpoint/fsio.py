@@ -11,7 +11,7 @@ import re
 import secrets
 import shutil
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -79,20 +79,8 @@ def write_file(path: Path, chunks: Iterable[bytes | memoryview], hasher=None) ->
     """
     views = [memoryview(chunk).cast("B") for chunk in chunks]
     size = sum(len(view) for view in views)
-    if size >= DIRECT_MIN and (fd := _open_direct(path)) is not None:
-        try:
-            _write_through(fd, views, hasher)
-            os.ftruncate(fd, size)  # the last write was padded to whole pages
-            os.fsync(fd)
-            return size
-        except OSError as e:
-            if e.errno != errno.EINVAL:  # EINVAL: the device wants other alignment; write it the usual way
-                raise
-            if hasher is not None:
-                hasher.reset()
-        finally:
-            os.close(fd)
-        os.unlink(path)
+    if size >= DIRECT_MIN and _write_direct(path, size, hasher, lambda fd: _write_through(fd, views, hasher)):
+        return size
     with open(path, "xb") as f:  # "x": a name we did not pick fresh is never clobbered
         for view in views:
             for at in range(0, len(view), PIECE):
@@ -176,26 +164,39 @@ def write_direct(path: Path, buffer: mmap.mmap, size: int, hasher=None) -> int:
     cache) and a training process running meanwhile keeps its cores and its cache. Elsewhere, ``write_file``.
     """
     view = memoryview(buffer)
-    fd = _open_direct(path)
-    if fd is not None:
-        try:
-            for at in range(0, size, DIRECT_PIECE_ASYNC):
-                end = min(at + DIRECT_PIECE_ASYNC, size)
-                if hasher is not None:
-                    hasher.update(view[at:end])
-                _write_all(fd, view[at : end + (-end % mmap.PAGESIZE)])  # whole pages; the tail is cut below
-            os.ftruncate(fd, size)
-            os.fsync(fd)
-            return size
-        except OSError as e:
-            if e.errno != errno.EINVAL:  # EINVAL: the device wants other alignment; write it the usual way
-                raise
+
+    def write_pieces(fd: int) -> None:
+        for at in range(0, size, DIRECT_PIECE_ASYNC):
+            end = min(at + DIRECT_PIECE_ASYNC, size)
             if hasher is not None:
-                hasher.reset()
-        finally:
-            os.close(fd)
-        os.unlink(path)
+                hasher.update(view[at:end])
+            _write_all(fd, view[at : end + (-end % mmap.PAGESIZE)])  # whole pages; the tail is cut after
+
+    if _write_direct(path, size, hasher, write_pieces):
+        return size
     return write_file(path, [view[:size]], hasher)
+
+
+def _write_direct(path: Path, size: int, hasher, write: Callable[[int], None]) -> bool:
+    """Create ``path`` with O_DIRECT, ``write(fd)`` whole pages into it, cut it to ``size`` and fsync it. False (and
+    no file, and ``hasher`` reset) where the file system or device refuses O_DIRECT: write it the usual way then."""
+    fd = _open_direct(path)
+    if fd is None:
+        return False
+    try:
+        write(fd)
+        os.ftruncate(fd, size)  # the last write was padded to whole pages
+        os.fsync(fd)
+        return True
+    except OSError as e:
+        if e.errno != errno.EINVAL:  # EINVAL: the device wants other alignment
+            raise
+        if hasher is not None:
+            hasher.reset()
+    finally:
+        os.close(fd)
+    os.unlink(path)
+    return False
 
 
 def _write_all(fd: int, data: memoryview) -> None:

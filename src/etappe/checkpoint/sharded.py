@@ -14,6 +14,7 @@ classes (and torch.Size, dtypes, layouts, paths) and never sets state on a class
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import re
@@ -262,7 +263,7 @@ def restore_whole(path: Path, entries: Mapping[str, Any], objects: Mapping[str, 
     whole = StateDictOptions(full_state_dict=True)
     done = set()
     for name, module in objects.items():
-        if not (isinstance(module, torch.nn.Module) and is_sharded_module(module)) or isinstance(entries[name], Shards):
+        if not is_sharded(module) or isinstance(entries[name], Shards):
             continue
         set_model_state_dict(module, entries[name], options=whole)
         done.add(name)
@@ -312,10 +313,7 @@ def tensor_infos(shards: Shards) -> dict[str, tuple[tuple[int, ...], str, int]]:
     for name, md in shards.reader().read_metadata().state_dict_metadata.items():
         if name.startswith(key) and isinstance(md, TensorStorageMetadata):
             dtype = md.properties.dtype
-            numel = 1
-            for n in md.size:
-                numel *= n
-            out[name.removeprefix(key)] = (tuple(md.size), str(dtype).removeprefix("torch."), numel * dtype.itemsize)
+            out[name.removeprefix(key)] = (tuple(md.size), str(dtype).removeprefix("torch."), math.prod(md.size) * dtype.itemsize)
     return out
 
 
