@@ -55,7 +55,7 @@ class ResumableBatches:
         size = self.batch_size
         for b in range(start, len(self)):
             global_batch = order[b * size : (b + 1) * size]
-            yield torch.tensor_split(global_batch, self.world_size)[self.rank]
+            yield global_batch if self.world_size == 1 else torch.tensor_split(global_batch, self.world_size)[self.rank]
 
 
 class EpochBatchSampler(torch.utils.data.Sampler):

@@ -63,10 +63,14 @@ class TensorData(torch.utils.data.Dataset):
         return x[0], y[0]
 
     def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.x[idx]
+        if idx.dtype == torch.int64 and idx.dim() == 1:
+            # index_select takes a batch in less than half the time of advanced indexing (x[idx]) on CPU
+            x, y = torch.index_select(self.x, 0, idx), torch.index_select(self.y, 0, idx)
+        else:
+            x, y = self.x[idx], self.y[idx]
         if not x.is_floating_point():
             x = x.float().mul_(self.input_scale)
-        return x, self.y[idx]
+        return x, y
 
     def to(self, device: torch.device | str) -> "TensorData":
         return TensorData(self.x.to(device), self.y.to(device), self.input_scale)
