@@ -7,6 +7,7 @@ import textwrap
 import time
 
 import pytest
+import torch
 
 from tests.conftest import ROOT, needs_fashion, run_cli
 
@@ -133,6 +134,37 @@ def test_user_model_factory_trains(tmp_path):
                   "--quiet", cwd=tmp_path, env={"PYTHONPATH": str(tmp_path)})
     assert out.returncode == 0, out.stderr
     assert json.loads((tmp_path / "run" / "config.json").read_text())["model_kwargs"] == {"hidden": 16}
+
+
+SEED_CNN = """
+    import torch
+    from torch import nn
+    class Net(nn.Module):  # as the tutorials write it: .view() after the convolution
+        def __init__(self, input_shape, num_outputs):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3, padding=1)
+            self.fc = nn.Linear(4 * 8 * 8, num_outputs)
+        def forward(self, x):
+            return self.fc(torch.relu(self.conv(x)).view(-1, 4 * 8 * 8))
+"""
+
+
+def test_channels_last_is_on_for_etappes_cnn_and_off_for_a_users_model_unless_asked(tmp_path):
+    from etappe.build import build_run
+    from etappe.config import TrainConfig
+
+    def conv_weight(**kw):
+        return build_run(TrainConfig(**kw)).model.conv2.weight  # conv1 has 1 input channel: both layouts at once
+
+    assert conv_weight().is_contiguous(memory_format=torch.channels_last) and not conv_weight().is_contiguous()
+    assert conv_weight(channels_last=False).is_contiguous()
+    (tmp_path / "seedcnn.py").write_text(textwrap.dedent(SEED_CNN))
+    env = {"PYTHONPATH": str(tmp_path)}
+    out = run_cli("--model", "seedcnn:Net", "--epochs", "1", "--run-dir", "r1", "--quiet", cwd=tmp_path, env=env)
+    assert out.returncode == 0, out.stderr  # the default leaves a user's model as it is
+    line = one_line_error(run_cli("--model", "seedcnn:Net", "--channels-last", "--epochs", "1", "--run-dir", "r2",
+                                  cwd=tmp_path, env=env), 2)
+    assert "--channels-last" in line and ".view()" in line and ".reshape()" in line
 
 
 def test_unwritable_run_folder_fails_before_training(tmp_path):

@@ -73,6 +73,13 @@ def build_run(config: TrainConfig) -> Run:
     data = load_dataset(config.data, data_dir=config.data_dir, seed=config.seed)
     seed_everything(config.seed)
     model = models.build(config.model, data.spec.input_shape, data.spec.num_outputs, **config.model_kwargs)
+    # oneDNN's convolutions (and cuDNN's) run faster on NHWC: ~1.4x per step for the built-in CNN on 2 CPU cores.
+    # Not by default for a user's model: a forward that .view()s a convolution's output fails on NHWC.
+    channels_last = config.channels_last if config.channels_last is not None else ":" not in config.model
+    if channels_last and config.strategy != "fsdp" and any(p.dim() == 4 for p in model.parameters()):
+        model.to(memory_format=torch.channels_last)
+        if ":" in config.model:
+            _probe_channels_last(model, data.spec.input_shape)
     if config.strategy == "fsdp":
         from etappe import distributed
         from etappe.loop import pick_device
@@ -83,6 +90,23 @@ def build_run(config: TrainConfig) -> Run:
     loss_fn = make_loss(config.loss, data)
     optimizer = make_optimizer(config, model.parameters())
     return Run(config, data, model, loss_fn, optimizer, make_scheduler(config, optimizer))
+
+
+def _probe_channels_last(model: nn.Module, input_shape: tuple[int, ...]) -> None:
+    """One sample through a user's model in eval mode (nothing updated): a .view() of a channels-last activation
+    fails, and the error should name the layout, not the data."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, *input_shape))
+    except RuntimeError as exc:
+        if "view size is not compatible" in str(exc):
+            raise UsageError("--channels-last: the model's forward calls .view() on a convolution's output, which "
+                             "fails in channels-last memory format; use .reshape() or .flatten() there, or drop "
+                             "--channels-last") from None
+    finally:
+        model.train(was_training)
 
 
 def make_trainer(run: Run, *, allow_config_change: bool = False) -> Any:

@@ -33,6 +33,8 @@ HELP = {
     "seed": "random seed (weights, data order, dropout)",
     "device": "auto (CUDA when present, else CPU), cpu, cuda, cuda:N",
     "deterministic": "use deterministic algorithms (default: on for CPU)",
+    "channels_last": "keep a model with 2-d convolutions in channels-last memory format (faster convolutions, "
+                     "results equal up to rounding; default: on for etappe's own models, off for module:factory)",
     "data_dir": "folder holding data set files (also $ETAPPE_DATA)",
     "num_workers": "DataLoader worker processes (0: batches by indexing, fastest on small machines)",
     "run_dir": "run folder (default runs/<data>-<model>; an existing folder is resumed)",
@@ -57,7 +59,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             continue
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not MISSING else None
-        if isinstance(default, bool) or f.name == "deterministic":
+        if isinstance(default, bool) or f.name in ("deterministic", "channels_last"):
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                 help=HELP.get(f.name))
         else:

@@ -46,6 +46,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     deterministic: bool | None = None  # None: on for CPU, off for CUDA
+    channels_last: bool | None = None  # conv models in channels-last memory format; None: etappe's own models only
     data_dir: str | None = None
     num_workers: int = 0
     run_dir: str | None = None
