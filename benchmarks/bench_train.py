@@ -9,6 +9,7 @@ Variants, each training a fresh model (same seed) for one epoch over the same N 
   bound+det   the bound with torch.use_deterministic_algorithms(True), which etappe's Trainer sets on CPU
   trainer     etappe.loop.Trainer(run_dir=None): samples / wall time of fit(1)
   trainer+ckpt  the same with run_dir set (a checkpoint at the end of the epoch), when the store exists
+  trainer, channels-last model  (CNN) the Trainer with model.to(memory_format=torch.channels_last)
   lightning   Lightning's default Trainer over the seed-style DataLoader, when lightning is installed
   cli         `etappe train ...` in a subprocess, over the full training set; its own reported samples/s (the CNN
               also with --no-channels-last: the CLI keeps conv models in channels-last memory format by default)
@@ -102,10 +103,12 @@ def bound_loop(w: dict, xf: torch.Tensor, y: torch.Tensor, deterministic: bool =
     return rate
 
 
-def trainer_run(w: dict, data, run_dir: Path | None, out: dict) -> float:
+def trainer_run(w: dict, data, run_dir: Path | None, out: dict, channels_last: bool = False) -> float:
     from etappe.loop import Trainer
 
     model, opt = make(w)
+    if channels_last:  # what `etappe train` does to its conv models; a Python user opts in the same way
+        model.to(memory_format=torch.channels_last)
     trainer = Trainer(model, opt, nn.CrossEntropyLoss(), train_data=data, batch_size=w["batch_size"],
                       progress=False, quiet=True, run_dir=run_dir)
     seconds, history = common.timed(lambda: trainer.fit(1))
@@ -205,6 +208,8 @@ def main() -> None:
             "seed": lambda: seed_loop(w, x, y),
             "trainer": lambda: trainer_run(w, data, None, plain),
         }
+        if name == "cnn":
+            variants["trainer, channels-last model"] = lambda: trainer_run(w, data, None, {}, channels_last=True)
         if store_missing is None:
             variants["trainer+ckpt"] = lambda: trainer_run(w, data, tmp / f"run-{time.monotonic_ns()}", ckpt)
         if lightning_note is None:
