@@ -9,7 +9,8 @@ Variants, each training a fresh model (same seed) for one epoch over the same N 
   bound+det   the bound with torch.use_deterministic_algorithms(True), which etappe's Trainer sets on CPU
   trainer     etappe.loop.Trainer(run_dir=None): samples / wall time of fit(1)
   trainer+ckpt  the same with run_dir set (a checkpoint at the end of the epoch), when the store exists
-  trainer, channels-last model  (CNN) the Trainer with model.to(memory_format=torch.channels_last)
+  bound, channels-last / trainer, channels-last  (CNN) the same with model.to(memory_format=torch.channels_last),
+              the layout `etappe train` gives etappe's conv models; the CLI is compared against that bound
   lightning   Lightning's default Trainer over the seed-style DataLoader, when lightning is installed
   cli         `etappe train ...` in a subprocess, over the full training set; its own reported samples/s (the CNN
               also with --no-channels-last: the CLI keeps conv models in channels-last memory format by default)
@@ -48,11 +49,13 @@ WORKLOADS = {
 }
 
 
-def make(w: dict) -> tuple[nn.Module, torch.optim.Optimizer]:
+def make(w: dict, channels_last: bool = False) -> tuple[nn.Module, torch.optim.Optimizer]:
     from etappe import models
 
     torch.manual_seed(0)
     model = models.build(w["model"], (1, 28, 28), 10)
+    if channels_last:  # what `etappe train` does to its conv models; a Python user opts in the same way
+        model.to(memory_format=torch.channels_last)
     opt_cls = torch.optim.Adam if w["optimizer"] == "adam" else torch.optim.SGD
     return model, opt_cls(model.parameters(), lr=w["lr"])
 
@@ -83,11 +86,12 @@ def seed_loop(w: dict, x: torch.Tensor, y: torch.Tensor) -> float:
     return len(x) / (time.perf_counter() - start)
 
 
-def bound_loop(w: dict, xf: torch.Tensor, y: torch.Tensor, deterministic: bool = False) -> float:
+def bound_loop(w: dict, xf: torch.Tensor, y: torch.Tensor, deterministic: bool = False,
+               channels_last: bool = False) -> float:
     # etappe's Trainer turns deterministic algorithms on for CPU (process-wide); the bound runs without them,
     # and once more with them ("bound+det") to show what that setting costs.
     torch.use_deterministic_algorithms(deterministic)
-    model, opt = make(w)
+    model, opt = make(w, channels_last)
     loss_fn = nn.CrossEntropyLoss()
     bs = w["batch_size"]
     start = time.perf_counter()
@@ -106,9 +110,7 @@ def bound_loop(w: dict, xf: torch.Tensor, y: torch.Tensor, deterministic: bool =
 def trainer_run(w: dict, data, run_dir: Path | None, out: dict, channels_last: bool = False) -> float:
     from etappe.loop import Trainer
 
-    model, opt = make(w)
-    if channels_last:  # what `etappe train` does to its conv models; a Python user opts in the same way
-        model.to(memory_format=torch.channels_last)
+    model, opt = make(w, channels_last)
     trainer = Trainer(model, opt, nn.CrossEntropyLoss(), train_data=data, batch_size=w["batch_size"],
                       progress=False, quiet=True, run_dir=run_dir)
     seconds, history = common.timed(lambda: trainer.fit(1))
@@ -208,23 +210,29 @@ def main() -> None:
             "seed": lambda: seed_loop(w, x, y),
             "trainer": lambda: trainer_run(w, data, None, plain),
         }
-        if name == "cnn":
-            variants["trainer, channels-last model"] = lambda: trainer_run(w, data, None, {}, channels_last=True)
+        if name == "cnn":  # the same model in channels-last memory format, as `etappe train` runs it
+            variants["bound, channels-last"] = lambda: bound_loop(w, xf, y, channels_last=True)
+            variants["trainer, channels-last"] = lambda: trainer_run(w, data, None, {}, channels_last=True)
         if store_missing is None:
             variants["trainer+ckpt"] = lambda: trainer_run(w, data, tmp / f"run-{time.monotonic_ns()}", ckpt)
         if lightning_note is None:
             variants["lightning"] = lambda: lightning_run(w, x, y)
         if store_missing is None and not args.no_cli:
-            # The CLI always trains on the full set; fewer rounds, each next to a bound run of its own round.
+            # The CLI always trains on the full set (and keeps the CNN channels-last unless told not to).
             variants["cli"] = lambda: cli_run(name, w)
-            if name == "cnn":  # the CLI keeps conv models channels-last by default; the bound's model is not
+            if name == "cnn":
                 variants["cli --no-channels-last"] = lambda: cli_run(name, w, "--no-channels-last")
         # Warm-up: one short pass of each in-process variant (oneDNN primitives, first-call costs).
+        small = TensorData(x[:2000], y[:2000], ds.train.input_scale)
         bound_loop(w, xf[:2000], y[:2000])
         seed_loop(w, x[:2000], y[:2000])
-        trainer_run(w, TensorData(x[:2000], y[:2000], ds.train.input_scale), None, {})
+        trainer_run(w, small, None, {})
+        if name == "cnn":
+            bound_loop(w, xf[:2000], y[:2000], channels_last=True)
+            trainer_run(w, small, None, {}, channels_last=True)
         if "lightning" in variants:
             lightning_run(w, x[:2000], y[:2000])
+
         def paired(run):  # the variant's run and the bound run just before it
             def both() -> tuple[float, float]:
                 reference = bound_loop(w, xf, y)
@@ -248,6 +256,11 @@ def main() -> None:
         common.table(f"{name}: batch {w['batch_size']}, {w['optimizer']} lr {w['lr']}, {n} samples/epoch",
                      headers, rows)
         print(rounds)
+        if "bound, channels-last" in figures:
+            same = {v: pairs[v] for v in ("trainer, channels-last", "cli") if v in pairs}
+            cl = common.median(a / b for a, b in pairs["bound, channels-last"])
+            print("the same layout (channels-last bound = " + f"{cl:.3f}x the NCHW bound): " + ", ".join(
+                f"{v} {common.median(a / b for a, b in runs) / cl:.3f}x" for v, runs in same.items()))
         seed_med = common.median(figures["seed"])
         print(f"bound / seed-style = {common.median(bound) / seed_med:.2f}x (median figures); "
               f"trainer's own reported samples/s (steps only) median {common.median(plain['reported']):,.0f}")

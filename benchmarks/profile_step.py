@@ -69,7 +69,7 @@ def main() -> None:
         start = clock()
         for idx in ResumableBatches(len(data), bs, seed=0).batches(0):
             t0 = clock()
-            x, y = data.batch(idx)
+            x, y = data.take(idx)
             t1 = clock()
             out = model(x)
             t2 = clock()

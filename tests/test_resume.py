@@ -194,6 +194,21 @@ def test_resume_with_a_changed_config_is_refused_unless_allowed(tmp_path):
     assert allowed.returncode == 0, allowed.stderr
 
 
+def test_a_run_from_before_channels_last_resumes_in_its_own_layout_and_a_layout_change_is_refused(tmp_path):
+    common = ["--data", "digits", "--model", "cnn", "--batch-size", "32", "--quiet"]
+    assert run_cli("train", *common, "--epochs", "1", "--no-channels-last", "--run-dir", "old", cwd=tmp_path).returncode == 0
+    config = tmp_path / "old" / "config.json"
+    saved = json.loads(config.read_text())
+    assert saved.pop("channels_last") is False  # saved resolved; an older etappe did not write the key at all
+    config.write_text(json.dumps(saved))
+    refused = run_cli("train", *common, "--epochs", "2", "--channels-last", "--run-dir", "old", cwd=tmp_path)
+    assert refused.returncode == 2 and "channels_last: False -> True" in refused.stderr
+    resumed = run_cli("train", *common, "--epochs", "2", "--run-dir", "old", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert run_cli("train", *common, "--epochs", "2", "--no-channels-last", "--run-dir", "new", cwd=tmp_path).returncode == 0
+    assert_same_run(final_state(tmp_path / "old"), final_state(tmp_path / "new"))
+
+
 USER_SCRIPT = textwrap.dedent('''
     """A user's own loop setup: custom model, custom map-style dataset with random augmentation."""
     import sys

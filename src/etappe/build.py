@@ -74,12 +74,12 @@ def build_run(config: TrainConfig) -> Run:
     seed_everything(config.seed)
     model = models.build(config.model, data.spec.input_shape, data.spec.num_outputs, **config.model_kwargs)
     # oneDNN's convolutions (and cuDNN's) run faster on NHWC: 1.3-1.4x per step for the built-in CNN on 2 CPU cores.
-    # Not by default for a user's model: a forward that .view()s a convolution's output fails on NHWC.
-    channels_last = config.channels_last if config.channels_last is not None else ":" not in config.model
-    if channels_last and config.strategy != "fsdp" and any(p.dim() == 4 for p in model.parameters()):
-        model.to(memory_format=torch.channels_last)
-        if ":" in config.model:
-            _probe_channels_last(model, data.spec.input_shape)
+    # Not by default for a user's model: a forward that .view()s a convolution's output fails on NHWC. The choice
+    # is saved resolved (True/False) in the run's config, so resume and eval rebuild the same layout.
+    if config.channels_last is None or config.strategy == "fsdp":  # FSDP shards the parameters as laid out: NCHW
+        config = config.replace(channels_last=":" not in config.model and config.strategy != "fsdp")
+    if config.channels_last and to_channels_last(model) and ":" in config.model:
+        _probe_channels_last(model, data.spec.input_shape)
     if config.strategy == "fsdp":
         from etappe import distributed
         from etappe.loop import pick_device
@@ -92,6 +92,14 @@ def build_run(config: TrainConfig) -> Run:
     return Run(config, data, model, loss_fn, optimizer, make_scheduler(config, optimizer))
 
 
+def to_channels_last(model: nn.Module) -> bool:
+    """Put a model with 2-d convolutions (4-d parameters) in channels-last memory format; False if it has none."""
+    if not any(p.dim() == 4 for p in model.parameters()):
+        return False
+    model.to(memory_format=torch.channels_last)
+    return True
+
+
 def _probe_channels_last(model: nn.Module, input_shape: tuple[int, ...]) -> None:
     """One sample through a user's model in eval mode (nothing updated): a .view() of a channels-last activation
     fails, and the error should name the layout, not the data."""
@@ -100,8 +108,8 @@ def _probe_channels_last(model: nn.Module, input_shape: tuple[int, ...]) -> None
     try:
         with torch.no_grad():
             model(torch.zeros(1, *input_shape))
-    except RuntimeError as exc:
-        if "view size is not compatible" in str(exc):
+    except Exception as exc:  # noqa: BLE001 -- any other failure is check_shapes' to report, with its context
+        if isinstance(exc, RuntimeError) and "view size is not compatible" in str(exc):
             raise UsageError("--channels-last: the model's forward calls .view() on a convolution's output, which "
                              "fails in channels-last memory format; use .reshape() or .flatten() there, or drop "
                              "--channels-last") from None

@@ -144,6 +144,7 @@ def _resume(run_dir: Path, args: argparse.Namespace) -> int:
     saved.pop("data_spec", None)
     saved.pop("quiet", None)  # how much to print is this invocation's choice, not the run's
     saved["run_dir"] = str(run_dir)
+    saved.setdefault("channels_last", False)  # saved by an etappe from before the option: trained in NCHW
     config, _ = _config_from_args(args, base=saved)
     differences = config_differences(saved, config.to_dict())
     if differences and not args.allow_config_change:

@@ -129,12 +129,19 @@ RUN_DEFINING = (
     "gamma",
     "clip_grad_norm",
     "seed",
+    "channels_last",  # the memory layout changes float rounding: a run resumed in the other one is not exact
 )
+
+# What a key missing from a config saved by an older etappe meant: runs before channels-last trained in NCHW.
+_SAVED_BEFORE = {"channels_last": False}
 
 
 def config_differences(saved: dict, new: dict) -> list[str]:
     """Human-readable differences in run-defining keys, e.g. ``batch_size: 32 -> 64``."""
-    return [f"{k}: {saved.get(k)!r} -> {new.get(k)!r}" for k in RUN_DEFINING if saved.get(k) != new.get(k)]
+    def value(config: dict, key: str) -> Any:
+        return config.get(key, _SAVED_BEFORE.get(key))
+
+    return [f"{k}: {value(saved, k)!r} -> {value(new, k)!r}" for k in RUN_DEFINING if value(saved, k) != value(new, k)]
 
 
 def read_toml(path: str | Path) -> dict:

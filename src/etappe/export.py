@@ -819,7 +819,12 @@ def _build(config: dict, overrides: dict, where: str, state: Mapping | None = No
         raise UsageError(f"{where}: cannot tell how many outputs the model has; pass --num-outputs N")
     kwargs = dict(overrides["model_kwargs"] or config.get("model_kwargs") or {})
     config.update(model=name, input_shape=list(shape), num_outputs=int(outputs), model_kwargs=kwargs)
-    return models.build(name, tuple(shape), int(outputs), **kwargs)
+    module = models.build(name, tuple(shape), int(outputs), **kwargs)
+    if config.get("channels_last"):  # the layout the run trained in: eval then computes exactly as training did
+        from etappe.build import to_channels_last
+
+        to_channels_last(module)
+    return module
 
 
 # ---------------------------------------------------------------- from a run or checkpoint, for the CLI

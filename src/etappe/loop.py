@@ -335,7 +335,7 @@ class Trainer:
     def _epoch_batches(self, epoch: int, start: int) -> Iterator[Any]:
         if isinstance(self.train_data, TensorData) and self.num_workers == 0:
             for idx in self.batches.batches(epoch, start):
-                yield self.train_data.batch(idx.to(self.train_data.x.device))
+                yield self.train_data.take(idx.to(self.train_data.x.device))
             return
         loader = torch.utils.data.DataLoader(
             _SeededBatches(self.train_data, self.seed, epoch),

@@ -63,14 +63,15 @@ class TensorData(torch.utils.data.Dataset):
         return x[0], y[0]
 
     def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if idx.dtype == torch.int64 and idx.dim() == 1:
-            # index_select takes a batch in less than half the time of advanced indexing (x[idx]) on CPU
-            x, y = torch.index_select(self.x, 0, idx), torch.index_select(self.y, 0, idx)
-        else:
-            x, y = self.x[idx], self.y[idx]
-        if not x.is_floating_point():
-            x = x.float().mul_(self.input_scale)
-        return x, y
+        return self._scaled(self.x[idx]), self.y[idx]
+
+    def take(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``batch`` for a sampler's indices (1-d int64, non-negative, on the data's device) by index_select,
+        which takes a small batch in less than half the time of ``x[idx]`` on CPU."""
+        return self._scaled(torch.index_select(self.x, 0, idx)), torch.index_select(self.y, 0, idx)
+
+    def _scaled(self, x: torch.Tensor) -> torch.Tensor:
+        return x if x.is_floating_point() else x.float().mul_(self.input_scale)
 
     def to(self, device: torch.device | str) -> "TensorData":
         return TensorData(self.x.to(device), self.y.to(device), self.input_scale)
