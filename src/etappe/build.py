@@ -73,7 +73,7 @@ def build_run(config: TrainConfig) -> Run:
     data = load_dataset(config.data, data_dir=config.data_dir, seed=config.seed)
     seed_everything(config.seed)
     model = models.build(config.model, data.spec.input_shape, data.spec.num_outputs, **config.model_kwargs)
-    # oneDNN's convolutions (and cuDNN's) run faster on NHWC: 1.3-1.4x per step for the built-in CNN on 2 CPU cores.
+    # oneDNN's convolutions (and cuDNN's) run faster on NHWC: 1.2-1.4x per step for the built-in CNN on 2 CPU cores.
     # Not by default for a user's model: a forward that .view()s a convolution's output fails on NHWC. The choice
     # is saved resolved (True/False) in the run's config, so resume and eval rebuild the same layout.
     if config.channels_last is None or config.strategy == "fsdp":  # FSDP shards the parameters as laid out: NCHW
