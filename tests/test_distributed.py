@@ -54,12 +54,17 @@ def accuracy(stdout: str) -> float:
     return float(stdout.strip().splitlines()[-1].split("test accuracy ")[1].split("%")[0])
 
 
-@pytest.fixture(scope="module")
-def two_rank_run(tmp_path_factory):
-    cwd = tmp_path_factory.mktemp("ddp")
-    result = torchrun(*ARGS, "--epochs", "8", "--run-dir", "run", "--save-every", "9", cwd=cwd)
+def eight_epochs_on_two_ranks(tmp_path_factory, name: str, args: list[str]):
+    """A finished 2-rank run (checkpoints every 9 steps) in a new folder: (that folder, torchrun's result)."""
+    cwd = tmp_path_factory.mktemp(name)
+    result = torchrun(*args, "--epochs", "8", "--run-dir", "run", "--save-every", "9", cwd=cwd)
     assert result.returncode == 0, result.stderr[-3000:]
     return cwd, result
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(tmp_path_factory):
+    return eight_epochs_on_two_ranks(tmp_path_factory, "ddp", ARGS)
 
 
 def test_two_ranks_match_one_process_and_log_once(two_rank_run, tmp_path):
@@ -146,10 +151,7 @@ FSDP = [*ARGS, "--strategy", "fsdp"]
 
 @pytest.fixture(scope="module")
 def fsdp_run(tmp_path_factory):
-    cwd = tmp_path_factory.mktemp("fsdp")
-    result = torchrun(*FSDP, "--epochs", "8", "--run-dir", "run", "--save-every", "9", cwd=cwd)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return cwd, result
+    return eight_epochs_on_two_ranks(tmp_path_factory, "fsdp", FSDP)
 
 
 def test_fsdp_trains_like_ddp_and_writes_every_ranks_shards_into_the_checkpoint(fsdp_run, two_rank_run, tmp_path):

@@ -76,10 +76,15 @@ def build_run(config: TrainConfig) -> Run:
     # oneDNN's convolutions (and cuDNN's) run faster on NHWC: 1.2-1.4x per step for the built-in CNN on 2 CPU cores.
     # Not by default for a user's model: a forward that .view()s a convolution's output fails on NHWC. The choice
     # is saved resolved (True/False) in the run's config, so resume and eval rebuild the same layout.
-    if config.channels_last is None or config.strategy == "fsdp":  # FSDP shards the parameters as laid out: NCHW
-        config = config.replace(channels_last=":" not in config.model and config.strategy != "fsdp")
-    if config.channels_last and to_channels_last(model) and ":" in config.model:
-        _probe_channels_last(model, data.spec.input_shape)
+    own_model = config.model in models.MODELS
+    if config.strategy == "fsdp":  # FSDP shards the parameters as they are laid out: kept NCHW
+        config = config.replace(channels_last=False)
+    elif config.channels_last is None:
+        config = config.replace(channels_last=own_model)
+    if config.channels_last:
+        converted = to_channels_last(model)
+        if converted and not own_model:
+            _probe_channels_last(model, data.spec.input_shape)
     if config.strategy == "fsdp":
         from etappe import distributed
         from etappe.loop import pick_device

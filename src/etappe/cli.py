@@ -138,13 +138,13 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 def _resume(run_dir: Path, args: argparse.Namespace) -> int:
     """Continue the run in ``run_dir`` with its saved config, changed only by the flags given."""
-    from etappe.config import config_differences
+    from etappe.config import SAVED_BEFORE, config_differences
 
     saved = _saved_config(run_dir)
     saved.pop("data_spec", None)
     saved.pop("quiet", None)  # how much to print is this invocation's choice, not the run's
     saved["run_dir"] = str(run_dir)
-    saved.setdefault("channels_last", False)  # saved by an etappe from before the option: trained in NCHW
+    saved = {**SAVED_BEFORE, **saved}  # keys an older etappe did not save, as they were then
     config, _ = _config_from_args(args, base=saved)
     differences = config_differences(saved, config.to_dict())
     if differences and not args.allow_config_change:

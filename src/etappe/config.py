@@ -133,13 +133,13 @@ RUN_DEFINING = (
 )
 
 # What a key missing from a config saved by an older etappe meant: runs before channels-last trained in NCHW.
-_SAVED_BEFORE = {"channels_last": False}
+SAVED_BEFORE = {"channels_last": False}
 
 
 def config_differences(saved: dict, new: dict) -> list[str]:
     """Human-readable differences in run-defining keys, e.g. ``batch_size: 32 -> 64``."""
     def value(config: dict, key: str) -> Any:
-        return config.get(key, _SAVED_BEFORE.get(key))
+        return config.get(key, SAVED_BEFORE.get(key))
 
     return [f"{k}: {value(saved, k)!r} -> {value(new, k)!r}" for k in RUN_DEFINING if value(saved, k) != value(new, k)]
 
