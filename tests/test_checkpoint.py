@@ -405,7 +405,9 @@ def test_store_skips_uncommitted_and_corrupt_checkpoints_with_a_warning(tmp_path
     assert "w.safetensors" in report[store.path_for(3)] and "manifest.json" in report[store.path_for(4)]
 
 
-def test_store_sweeps_temporary_folders_of_dead_processes_only(tmp_path):
+def test_store_writer_sweeps_temporary_folders_of_ended_saves_only(tmp_path):
+    # A save in progress holds a lock on its temporary folder (a pid would not tell: another pid namespace, a
+    # reused pid); only the store's writer sweeps, and only folders whose lock it can take. Opening reads only.
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_pid = int(dead.stdout)
     stale = tmp_path / f".tmp-step-00000002-{dead_pid}-0badc0de"
@@ -413,17 +415,23 @@ def test_store_sweeps_temporary_folders_of_dead_processes_only(tmp_path):
     (stale / "model.safetensors").write_bytes(b"half")
     ours_before = tmp_path / f".tmp-step-00000003-{os.getpid()}-0badc0de"  # a crashed run that had our pid
     ours_before.mkdir()
-    live = fsio.temp_path(tmp_path / "step-00000004")  # a save in progress in this process
-    live.mkdir()
-    other = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
-    others = tmp_path / f".tmp-step-00000005-{other.pid}-0badc0de"  # a save in progress in another process
-    others.mkdir()
+    holder = (
+        "import sys\nfrom pathlib import Path\nfrom etappe.checkpoint import fsio\n"
+        "with fsio.temp_folder(Path(sys.argv[1])) as tmp:\n    print(tmp, flush=True)\n    sys.stdin.read()\n"
+    )
+    other = subprocess.Popen([sys.executable, "-c", holder, str(tmp_path / "step-00000005")], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    others = Path(other.stdout.readline().strip())  # a save in progress in another process
     try:
-        CheckpointStore(tmp_path)
+        with fsio.temp_folder(tmp_path / "step-00000004") as live:  # a save in progress in this process
+            CheckpointStore(tmp_path).latest()
+            assert stale.exists() and ours_before.exists()  # a reader deletes nothing
+            CheckpointStore(tmp_path).lock()
+            assert not stale.exists() and not ours_before.exists() and live.exists() and others.exists()
     finally:
-        other.communicate(b"")
-    assert not stale.exists() and not ours_before.exists() and live.exists() and others.exists()
-    CheckpointStore(tmp_path)
+        other.communicate("")
+    assert not live.exists()  # a block that did not commit removes its folder
+    CheckpointStore(tmp_path).lock()
     assert not others.exists()
 
 

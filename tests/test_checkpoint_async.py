@@ -190,7 +190,9 @@ def committed_value(root: Path) -> tuple[int, float]:
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a checkpoint that needs skipping would be a protocol failure
         store = CheckpointStore(root, keep_last=1)
+        store.lock()  # a restarted trainer becomes the run's one writer, which sweeps what a killed save left
         latest = store.latest()
+        store.close()
     assert latest is not None
     assert not [p.name for p in root.iterdir() if p.name.startswith(".tmp-")], "temporary folders left after opening"
     saved = ck.load(latest)

@@ -46,7 +46,9 @@ def committed_value(root: Path) -> tuple[int, float]:
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a checkpoint that needs skipping would be a protocol failure
         store = CheckpointStore(root, keep_last=1)
+        store.lock()  # a restarted trainer becomes the run's one writer, which sweeps what a killed save left
         latest = store.latest()
+        store.close()
     assert latest is not None and no_temps(root)
     saved = ck.load(latest)
     value = saved["value"]
@@ -197,6 +199,7 @@ def test_retention_keeps_exactly_the_policy_across_crashes_and_restarts(tmp_path
         proc.wait(timeout=60)
         proc.stdout.close()
         store = CheckpointStore(root, keep_last=2, keep_best=2, monitor="loss", mode="min", keep_every=5)
+        store.lock()  # a restarted trainer becomes the run's one writer, which sweeps what a killed save left
         assert no_temps(root)
         latest = store.latest()
         last = store.load()["step"]
@@ -206,6 +209,7 @@ def test_retention_keeps_exactly_the_policy_across_crashes_and_restarts(tmp_path
         assert policy(range(1, last + 1)) <= kept <= policy(range(1, last)) | {last}, f"seed {seed}, crash {crash}"
         for c in store.checkpoints():
             ck.verify(c.path)
+        store.close()  # the next writer is the restarted process
     # One more save after the last crash, which may have struck between a commit and its pruning: retention is
     # applied by saves, so the store is exact again after the next one.
     proc = start(script, root, 41)
@@ -255,3 +259,4 @@ def test_a_save_that_does_not_fit_fails_cleanly_and_keeps_the_previous_checkpoin
     # and once there is room again, saving works
     store.save(2, small)
     assert store.latest() == store.path_for(2)
+    store.close()  # lets go of the writer lock, an open folder that would keep the disk from being unmounted

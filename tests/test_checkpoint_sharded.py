@@ -56,6 +56,13 @@ def test_metadata_that_sets_state_on_a_class_is_refused(tmp_path):
     assert not hasattr(pathlib.PosixPath, "x")
 
 
+@pytest.mark.parametrize("other", [torch.float32, torch.Size([3]), pathlib.PurePosixPath("x")])
+def test_metadata_that_is_another_allowed_object_is_refused(tmp_path, other):
+    (tmp_path / ".metadata").write_bytes(__import__("pickle").dumps(other))
+    with pytest.raises(CheckpointError, match="not DCP metadata"):
+        SafeReader(tmp_path, frozenset()).read_metadata()
+
+
 def test_a_value_in_the_shards_that_names_other_code_is_refused_not_run(tmp_path):
     marker = tmp_path / "ran"
     shards = shards_of(tmp_path, "optimizer", state={}, param_groups=Evil(marker))

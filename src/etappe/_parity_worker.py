@@ -10,6 +10,9 @@ FORMATS need first (torch and torch.export's loader take seconds), then reads JO
 input. JOBS.json: {"forbid": [...], "jobs": [{"format", "file", "inputs", "outputs"}]}; the results go to
 stdout as one line starting with MARK. ONNX files run in onnxruntime. This file is run by path and imports
 nothing from etappe.
+
+TorchScript and .pt2 files run code of theirs when loaded (etappe.export.load_model asks for trust for them);
+the only files loaded here are the ones the parent has just written from the user's own model, in this call.
 """
 
 import os

@@ -71,8 +71,11 @@ class Run:
 def build_run(config: TrainConfig) -> Run:
     """Load the data and build model, loss, optimizer and scheduler, seeded from ``config.seed``."""
     data = load_dataset(config.data, data_dir=config.data_dir, seed=config.seed)
+    if config.monitor == "val_accuracy" and data.spec.num_classes is None:
+        raise UsageError(f"--monitor val_accuracy needs class labels; {data.spec.name!r} is regression "
+                         "(monitor val_loss or train_loss)")
     seed_everything(config.seed)
-    model = models.build(config.model, data.spec.input_shape, data.spec.num_outputs, **config.model_kwargs)
+    model = build_model(config.model, data.spec.input_shape, data.spec.num_outputs, config.model_kwargs)
     # oneDNN's convolutions (and cuDNN's) run faster on NHWC: 1.2-1.4x per step for the built-in CNN on 2 CPU cores.
     # Not by default for a user's model: a forward that .view()s a convolution's output fails on NHWC. The choice
     # is saved resolved (True/False) in the run's config, so resume and eval rebuild the same layout.
@@ -95,6 +98,15 @@ def build_run(config: TrainConfig) -> Run:
     loss_fn = make_loss(config.loss, data)
     optimizer = make_optimizer(config, model.parameters())
     return Run(config, data, model, loss_fn, optimizer, make_scheduler(config, optimizer))
+
+
+def build_model(name: str, input_shape: tuple[int, ...], num_outputs: int, kwargs: dict[str, Any]) -> nn.Module:
+    """``models.build`` (which checks the factory's signature), and a check that what came back is a module."""
+    model = models.build(name, tuple(input_shape), num_outputs, **kwargs)
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"model {name!r} returned a {type(model).__name__}, expected a torch.nn.Module; etappe calls "
+                         "a model factory as factory(input_shape=..., num_outputs=..., **model_args)")
+    return model
 
 
 def to_channels_last(model: nn.Module) -> bool:

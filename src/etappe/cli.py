@@ -1,18 +1,23 @@
 """The ``etappe`` command: train, resume, eval, plot, inspect, verify, export, predict.
 
 Handlers import torch and the rest lazily, so ``etappe --help`` and errors for bad flags answer at once.
-Expected failures (EtappeError) print one line and exit with their code; nothing else is caught.
+Expected failures print one ``etappe: error:`` line and exit with their code: EtappeError (2 for bad input, 1
+otherwise), a bad flag (argparse's, 2), and an OSError from the file system (a read-only folder, a full disk:
+1). Nothing else is caught. A warning is one ``etappe: warning:`` line.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
+import warnings
+from contextlib import contextmanager
 from dataclasses import MISSING, fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, NoReturn, Sequence
 
-from etappe.config import LOSSES, OPTIMIZERS, SCHEDULERS, TrainConfig, read_toml
+from etappe.config import LOSSES, METRICS, OPTIMIZERS, SCHEDULERS, ConfigValueError, TrainConfig, read_toml
 from etappe.errors import EtappeError, UsageError
 
 HELP = {
@@ -44,11 +49,14 @@ HELP = {
     "strategy": "under torchrun: ddp (replicate the model) or fsdp (shard model and optimizer state, FSDP2)",
     "keep_last": "checkpoints to keep, newest first",
     "keep_best": "checkpoints to keep, best by --monitor",
-    "monitor": "metric for best checkpoints and early stopping (val_loss, val_accuracy)",
+    "monitor": f"metric for best checkpoints and early stopping: {', '.join(METRICS)}",
     "patience": "stop after this many epochs without improvement of --monitor",
     "quiet": "print only the final result",
     "tensorboard": "also write TensorBoard event files (needs tensorboard)",
 }
+
+
+TRUST_HELP = "load files that run code (TorchScript, .pt2) and import a module:factory named in a file"
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -91,28 +99,39 @@ def _config_from_args(args: argparse.Namespace, base: dict | None = None) -> tup
     """Defaults, then the saved run's config (``base``), then --config FILE, then flags. Returns the config and
     the keys the user set explicitly."""
     values: dict[str, Any] = dict(base or {})
-    explicit: set[str] = set()
+    from_file: dict[str, Any] = {}
     if getattr(args, "config", None):
         from_file = read_toml(args.config)
         values.update(from_file)
-        explicit |= set(from_file)
     names = {f.name for f in fields(TrainConfig)}
-    for name in names:
-        if name in vars(args):
-            value = getattr(args, name)
-            values[name] = _parse_model_args(value) if name == "model_kwargs" else value
-            explicit.add(name)
+    flags = {name for name in names if name in vars(args)}
+    for name in flags:
+        value = getattr(args, name)
+        values[name] = _parse_model_args(value) if name == "model_kwargs" else value
     values = {k: v for k, v in values.items() if k in names}
-    return TrainConfig.from_dict(values), explicit
+    try:
+        return TrainConfig.from_dict(values), set(from_file) | flags
+    except ConfigValueError as exc:
+        if exc.name in from_file and exc.name not in flags:  # the file holds the bad value: name it, as it is written
+            raise UsageError(exc.describe(args.config)) from None
+        raise
 
 
 def _saved_config(run_dir: Path) -> dict | None:
     import json
 
     path = run_dir / "config.json"
-    if path.is_file():
-        return json.loads(path.read_text())
-    return None
+    if not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise EtappeError(f"{path} is not valid JSON ({exc}); restore it, or start a new run with another "
+                          "--run-dir") from None
+    if not isinstance(saved, dict):
+        raise EtappeError(f"{path} holds a {type(saved).__name__}, expected a JSON object of config keys; restore it, "
+                          "or start a new run with another --run-dir")
+    return saved
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -138,20 +157,23 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 def _resume(run_dir: Path, args: argparse.Namespace) -> int:
     """Continue the run in ``run_dir`` with its saved config, changed only by the flags given."""
-    from etappe.config import SAVED_BEFORE, config_differences
+    from etappe.config import SAVED_BEFORE, check_resume
 
     saved = _saved_config(run_dir)
     saved.pop("data_spec", None)
     saved.pop("quiet", None)  # how much to print is this invocation's choice, not the run's
     saved["run_dir"] = str(run_dir)
     saved = {**SAVED_BEFORE, **saved}  # keys an older etappe did not save, as they were then
+    try:
+        TrainConfig.from_dict(saved, source=run_dir / "config.json")
+    except UsageError as exc:  # a file of the run's, not this command's input
+        raise EtappeError(f"{exc}; restore the file, or start a new run with another --run-dir") from None
     config, _ = _config_from_args(args, base=saved)
-    differences = config_differences(saved, config.to_dict())
-    if differences and not args.allow_config_change:
-        raise UsageError(
-            f"{run_dir} was trained with a different config ({'; '.join(differences)}); resuming would make it a "
-            "different run. Use a new --run-dir, or --allow-config-change to continue anyway"
-        )
+    if config.model == saved.get("model"):  # the name comes from the run's file: a built-in, or trusted, or named
+        from etappe import models
+
+        models.from_file(config.model, str(run_dir), trusted=args.trust, named=vars(args).get("model"), python=False)
+    check_resume(run_dir, saved, config.to_dict(), allow=args.allow_config_change)
     return _train(config, allow_config_change=args.allow_config_change)
 
 
@@ -168,8 +190,12 @@ def _train(config: TrainConfig, allow_config_change: bool) -> int:
     run = build_run(config)
     trainer = make_trainer(run, allow_config_change=allow_config_change)
     run_dir = config.resolved_run_dir()
+    # A checkpoint that would make this a different run, or that is past the epochs asked, is refused here,
+    # before config.json is rewritten.
+    trainer.resume(epochs=config.epochs)
     if trainer.main:
-        atomic_write_bytes(run_dir / "config.json", (json.dumps(run.saved_config(), indent=2) + "\n").encode())
+        with _writing(run_dir / "config.json"):
+            atomic_write_bytes(run_dir / "config.json", (json.dumps(run.saved_config(), indent=2) + "\n").encode())
         if not config.quiet:
             print(f"Training {config.model} on {config.data} ({len(run.data.train)} train / {len(run.data.test)} test "
                   f"samples) on {trainer.device}; run folder {run_dir}", flush=True)
@@ -184,7 +210,8 @@ def _train(config: TrainConfig, allow_config_change: bool) -> int:
             state = full_state_dict(model)
         if trainer.main:
             weights = run_dir / "model.safetensors"
-            _save_weights(state, weights)
+            with _writing(weights):
+                _save_weights(state, weights)
             acc = f" | test accuracy {100 * result['accuracy']:.2f}%" if "accuracy" in result else ""
             print(f"Test loss {result['loss']:.4f}{acc} ({result['samples']} samples) | weights {weights} | "
                   f"{time.perf_counter() - start:.1f} s", flush=True)
@@ -216,7 +243,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from etappe.export import load_model
     from etappe.loop import evaluate
 
-    model, config = load_model(args.path, which=args.checkpoint)
+    model, config = load_model(args.path, which=args.checkpoint, model=args.model, trusted=args.trust)
     data_name = args.data or config.get("data")
     if not data_name:
         raise UsageError(f"{args.path} does not record its data set; pass --data NAME")
@@ -240,7 +267,9 @@ def cmd_plot(args: argparse.Namespace) -> int:
     rows = read_history(Path(args.run))
     if not rows:
         raise EtappeError(f"{args.run}/metrics.jsonl holds no epochs yet; nothing to plot")
-    out = plot_history(rows, Path(args.out) if args.out else Path(args.run) / "curves.png")
+    out = Path(args.out) if args.out else Path(args.run) / "curves.png"
+    with _writing(out, "--out"):
+        plot_history(rows, out)
     print(f"wrote {out}")
     return 0
 
@@ -296,8 +325,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     formats = list(FORMATS) if args.format == "all" else [args.format]
     try:
-        exported = export_path(args.path, formats, out=args.out, atol=args.atol, input_shape=args.input_shape,
-                               which=args.checkpoint, model=args.model, data_dir=args.data_dir)
+        with _writing(Path(args.out) if args.out else Path(args.path), "--out"):
+            exported = export_path(args.path, formats, out=args.out, atol=args.atol, input_shape=args.input_shape,
+                                   which=args.checkpoint, model=args.model, data_dir=args.data_dir,
+                                   trusted=args.trust)
     except ExportError as exc:
         for e in exc.exported:
             print(e.summary())
@@ -311,7 +342,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from etappe.predict import format_results, predict
 
     results = predict(args.model, args.inputs, top=args.top, resize=args.resize, which=args.checkpoint,
-                      input_shape=args.input_shape)
+                      input_shape=args.input_shape, model_name=args.model_name, trusted=args.trust)
     if args.json:
         import json
 
@@ -321,8 +352,21 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a bad flag or value reported as one line and a pointer to --help, not the usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        _usage_error(message, self.prog)
+
+
+def _usage_error(message: str, prog: str) -> NoReturn:
+    if _is_main_process():
+        print(f"etappe: error: {message}; see {prog} --help", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="etappe", description="Train, evaluate, checkpoint, resume and export "
+    parser = _Parser(prog="etappe", description="Train, evaluate, checkpoint, resume and export "
                                      "PyTorch models. With no command, trains the CNN on the embedded digits set.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -330,6 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", metavar="FILE.toml", help="TOML file with the same keys as the flags")
     train.add_argument("--allow-config-change", action="store_true", help="resume even if the run-defining config changed")
     _add_config_flags(train)
+    train.add_argument("--trust", action="store_true", help="on an existing run: import a module:factory its "
+                       "config.json names (runs that module's code)")
     train.set_defaults(handler=cmd_train)
 
     resume = sub.add_parser("resume", help="resume a run folder from its newest valid checkpoint")
@@ -337,6 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("--config", metavar="FILE.toml", help=argparse.SUPPRESS)
     resume.add_argument("--allow-config-change", action="store_true", help="resume even if the run-defining config changed")
     _add_config_flags(resume)
+    resume.add_argument("--trust", action="store_true", help="import a module:factory the run's config.json names "
+                        "(runs that module's code)")
     resume.set_defaults(handler=cmd_resume)
 
     ev = sub.add_parser("eval", help="evaluate a run, checkpoint or weights file on a data set's test split")
@@ -346,6 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--checkpoint", choices=("best", "latest"), default="best", help="which checkpoint of a run")
     ev.add_argument("--device", default="auto")
     ev.add_argument("--json", action="store_true", help="print JSON")
+    ev.add_argument("--model", help="registry name (or module:factory) to rebuild the weights into")
+    ev.add_argument("--trust", action="store_true", help=TRUST_HELP)
     ev.set_defaults(handler=cmd_eval)
 
     plot = sub.add_parser("plot", help="redraw a run's loss and accuracy curves")
@@ -374,6 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--model", help="registry name (or module:factory) for a weights file without config")
     exp.add_argument("--checkpoint", choices=("best", "latest"), default="best", help="which checkpoint of a run")
     exp.add_argument("--data-dir", help="folder holding the data set (parity runs on its test inputs)")
+    exp.add_argument("--trust", action="store_true", help=TRUST_HELP)
     exp.set_defaults(handler=cmd_export)
 
     pre = sub.add_parser("predict", help="run a checkpoint or exported model on images, IDX, .npy or CSV files")
@@ -384,6 +435,8 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--resize", action="store_true", help="resize and convert images to the model's input shape")
     pre.add_argument("--input-shape", type=_shape, metavar="C,H,W", help="one sample's shape, if not recorded")
     pre.add_argument("--checkpoint", choices=("best", "latest"), default="best", help="which checkpoint of a run")
+    pre.add_argument("--model", dest="model_name", help="registry name (or module:factory) to rebuild weights into")
+    pre.add_argument("--trust", action="store_true", help=TRUST_HELP)
     pre.set_defaults(handler=cmd_predict)
     return parser
 
@@ -395,24 +448,78 @@ def _is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+@contextmanager
+def _writing(path: Path, flag: str = "--run-dir") -> Iterator[None]:
+    """Around a write of the CLI's: an OSError of the file system (a read-only folder, a full disk, no permission)
+    becomes one line naming the path and the reason. Every file is written atomically: nothing is half-written."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in _WRITE_ERRORS:  # others (a file not found) say their own
+            raise
+        raise EtappeError(_os_error_line(exc, path, flag)) from None
+
+
+_WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def _os_error_line(exc: OSError, path: Path | str | None = None, flag: str = "--run-dir", writing: bool = True) -> str:
+    where = exc.filename or path
+    if path is not None and Path(str(where)).name.startswith(".tmp-"):  # an atomic write's temporary file
+        where = path
+    reason = exc.strerror or str(exc)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        hint = "free some space and run it again (nothing was half-written)"
+    elif exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        hint = f"choose a folder you can write with {flag}"
+    else:
+        hint = "check the path"
+    if not where:
+        return f"{reason}; {hint}"
+    return f"cannot write {where}: {reason}; {hint}" if writing else f"{where}: {reason}; {hint}"
+
+
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None,
+                  line: str | None = None) -> None:
+    """A warning is one ``etappe: warning:`` line, without the source file and line that raised it."""
+    if _is_main_process():
+        print(f"etappe: warning: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
         argv = ["train", *argv]
-    args = parser.parse_args(argv)
+    try:
+        args, extra = parser.parse_known_args(argv)
+        if extra:
+            _usage_error(f"unrecognized arguments: {' '.join(extra)}",
+                         f"etappe {args.command}" if getattr(args, "command", None) else "etappe")
+    except SystemExit as exc:  # --help (0) or a bad flag (2), already printed
+        return exc.code if isinstance(exc.code, int) else 2
     if not hasattr(args, "handler"):
         parser.print_help()
         return 2
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return args.handler(args)
     except EtappeError as exc:
         if _is_main_process():
-            print(f"etappe: error: {exc}", file=sys.stderr)
+            print(f"etappe: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return exc.exit_code
     except BrokenPipeError:  # the reader went away (| head): nothing more to say
         sys.stderr.close()
         return 0
+    except OSError as exc:  # the file system refused (outside the writes wrapped above): still an expected failure
+        if _is_main_process():
+            print(f"etappe: error: {_os_error_line(exc, writing=False)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("etappe: interrupted", file=sys.stderr)
         return 130

@@ -6,10 +6,12 @@ This module does not import torch, so ``etappe --help`` starts fast.
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Mapping, Sequence
 
 from etappe.errors import UsageError
 
@@ -22,6 +24,8 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 LOSSES = ("cross-entropy", "mse", "l1", "bce")
 SCHEDULERS = ("none", "step", "cosine", "exponential")
 STRATEGIES = ("ddp", "fsdp")
+# What --monitor may name: the metrics an `etappe train` run records every epoch (val_accuracy for class labels).
+METRICS = ("val_loss", "val_accuracy", "train_loss")
 
 
 @dataclass(frozen=True)
@@ -62,33 +66,13 @@ class TrainConfig:
     tensorboard: bool = False
 
     def __post_init__(self) -> None:
-        def bad(name: str, value: Any, expected: str) -> UsageError:
-            return UsageError(f"--{name.replace('_', '-')} {value!r} is not valid; expected {expected}")
-
-        if self.optimizer not in OPTIMIZERS:
-            raise UsageError(f"unknown optimizer {self.optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}")
-        if self.loss not in LOSSES + ("auto",):
-            raise UsageError(f"unknown loss {self.loss!r}; choose one of: {', '.join(LOSSES)}")
-        if self.scheduler not in SCHEDULERS:
-            raise UsageError(f"unknown scheduler {self.scheduler!r}; choose one of: {', '.join(SCHEDULERS)}")
-        if self.strategy not in STRATEGIES:
-            raise UsageError(f"unknown strategy {self.strategy!r}; choose one of: {', '.join(STRATEGIES)}")
+        for name, check in _CHECKS.items():
+            value = check(name, getattr(self, name))
+            if value is not getattr(self, name):  # normalized: an int where a float belongs, a path, a tuple
+                object.__setattr__(self, name, value)
         if self.strategy == "fsdp" and self.async_save:
             raise UsageError("--async-save does not apply to --strategy fsdp (sharded state is saved by every rank "
                              "together); drop one of them")
-        if self.scheduler_interval not in ("epoch", "step"):
-            raise bad("scheduler_interval", self.scheduler_interval, "'epoch' or 'step'")
-        for name in ("epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise bad(name, getattr(self, name), "a positive integer")
-        if not self.lr > 0:
-            raise bad("lr", self.lr, "a positive number")
-        if self.num_workers < 0:
-            raise bad("num_workers", self.num_workers, "0 or more")
-        for name in ("save_every", "save_every_seconds", "patience", "clip_grad_norm"):
-            value = getattr(self, name)
-            if value is not None and not value > 0:
-                raise bad(name, value, "a positive number")
 
     @property
     def run_name(self) -> str:
@@ -101,12 +85,23 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
+    def from_dict(cls, d: Mapping[str, Any], source: str | os.PathLike | None = None) -> "TrainConfig":
+        """A config from a dict of field values (TOML's, JSON's); a bad value raises UsageError naming the key,
+        and ``source``, the file it came from, when given."""
+        where = f"{source}: " if source is not None else ""
+        if not isinstance(d, Mapping):
+            raise UsageError(f"{where}expected a table of config keys, got {type(d).__name__}")
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
+        unknown = sorted(set(d) - known, key=str)
         if unknown:
-            raise UsageError(f"unknown config keys {', '.join(unknown)}; known keys: {', '.join(sorted(known))}")
-        return cls(**d)
+            raise UsageError(f"{where}unknown config keys {', '.join(map(str, unknown))}; "
+                             f"known keys: {', '.join(sorted(known))}")
+        try:
+            return cls(**d)
+        except ConfigValueError as exc:
+            if source is None:
+                raise
+            raise UsageError(exc.describe(source)) from None
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
@@ -130,18 +125,52 @@ RUN_DEFINING = (
     "clip_grad_norm",
     "seed",
     "channels_last",  # the memory layout changes float rounding: a run resumed in the other one is not exact
+    # what a Trainer made in Python without a config derives from the objects it was given (Trainer.run_config)
+    "shuffle",
+    "models",
+    "optimizers",
+    "schedulers",
+    "loss_fn",
 )
 
 # What a key missing from a config saved by an older etappe meant: runs before channels-last trained in NCHW.
 SAVED_BEFORE = {"channels_last": False}
 
 
-def config_differences(saved: dict, new: dict) -> list[str]:
-    """Human-readable differences in run-defining keys, e.g. ``batch_size: 32 -> 64``."""
-    def value(config: dict, key: str) -> Any:
+def config_differences(saved: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """Human-readable differences in run-defining keys, e.g. ``batch_size: 32 -> 64`` or, inside the config a
+    Trainer derives from its objects, ``optimizers.optimizer.param_groups[0].lr: 0.1 -> 0.2``."""
+    def value(config: Mapping[str, Any], key: str) -> Any:
         return config.get(key, SAVED_BEFORE.get(key))
 
-    return [f"{k}: {value(saved, k)!r} -> {value(new, k)!r}" for k in RUN_DEFINING if value(saved, k) != value(new, k)]
+    out: list[str] = []
+    for key in RUN_DEFINING:
+        _differences(key, value(saved, key), value(new, key), out)
+    return out
+
+
+def _differences(where: str, old: Any, new: Any, out: list[str]) -> None:
+    if isinstance(old, Mapping) and isinstance(new, Mapping) and old and set(old) == set(new):
+        for k in old:
+            _differences(f"{where}.{k}", old[k], new[k], out)
+    elif isinstance(old, (list, tuple)) and isinstance(new, (list, tuple)) and old and len(old) == len(new):
+        for i, (a, b) in enumerate(zip(old, new)):
+            _differences(f"{where}[{i}]", a, b, out)
+    elif old != new:
+        out.append(f"{where}: {old!r} -> {new!r}")
+
+
+def check_resume(where: str | os.PathLike, saved: Mapping[str, Any], new: Mapping[str, Any], allow: bool) -> list[str]:
+    """The one check every resume passes, the CLI's and the Trainer's: a run-defining difference between the saved
+    config and the new one is refused (UsageError) unless ``allow``. Returns the differences (allowed ones)."""
+    differences = config_differences(saved, new)
+    if differences and not allow:
+        raise UsageError(
+            f"{where} was trained with a different config ({'; '.join(differences)}); resuming would make it a "
+            "different run. Use a new run folder, or allow the change: --allow-config-change "
+            "(allow_config_change=True in Python)"
+        )
+    return differences
 
 
 def read_toml(path: str | Path) -> dict:
@@ -153,9 +182,170 @@ def read_toml(path: str | Path) -> dict:
         raise UsageError(f"config file {path} does not exist") from None
     except tomllib.TOMLDecodeError as exc:
         raise UsageError(f"config file {path} is not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise UsageError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"config file {path} is not valid TOML: {exc}") from None
     data = {k.replace("-", "_"): v for k, v in raw.items()}
     known = {f.name for f in fields(TrainConfig)}
     unknown = sorted(set(data) - known)
     if unknown:
         raise UsageError(f"{path}: unknown keys {', '.join(unknown)}; known keys: {', '.join(sorted(known))}")
     return data
+
+
+# ------------------------------------------------------------------------------------------- validation
+# Each field's rule, checked in TrainConfig.__post_init__ before anything is built or written. A value from TOML
+# or JSON arrives with any type: a string where a number belongs, a float where an integer does, a bool (which
+# Python counts as an int) where a count does.
+
+class ConfigValueError(UsageError):
+    """A config field with a value of the wrong type or out of range. Its message names the flag (``--lr``);
+    ``describe(source)`` names the key as a file writes it (``run.toml: lr = '0.01' ...``)."""
+
+    def __init__(self, name: str, value: Any, expected: str, choices: Sequence[str] | None = None) -> None:
+        self.name, self.value, self.expected, self.choices = name, value, expected, choices
+        super().__init__(self.describe())
+
+    def describe(self, source: str | os.PathLike | None = None) -> str:
+        if self.choices is not None and isinstance(self.value, str):
+            what = f"unknown {self.name.replace('_', ' ')} {self.value!r}; choose one of: {', '.join(self.choices)}"
+            return f"{source}: {what}" if source is not None else what
+        shown = _shown(self.value)
+        if source is None:
+            return f"--{self.name.replace('_', '-')} {shown} is not valid; expected {self.expected}"
+        return f"{source}: {self.name} = {shown} is not valid; expected {self.expected}"
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+INT_MAX = 2**63 - 1  # what torch takes as a count
+
+
+def _is_number_text(value: Any) -> bool:
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return isinstance(value, str)
+
+
+def _integer(low: int, expected: str, optional: bool = False, high: int = INT_MAX) -> Callable[[str, Any], Any]:
+    def check(name: str, value: Any) -> Any:
+        if value is None and optional:
+            return value
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            hint = " (a number, not a string: write it without quotes)" if _is_number_text(value) else ""
+            raise ConfigValueError(name, value, expected + hint)
+        return value
+    return check
+
+
+def _number(low: float, strict: bool, expected: str, optional: bool = False) -> Callable[[str, Any], Any]:
+    def check(name: str, value: Any) -> Any:
+        if value is None and optional:
+            return value
+        try:
+            number = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+        except OverflowError:  # an int beyond any float
+            number = math.nan
+        if not math.isfinite(number) or not (number > low if strict else number >= low):
+            hint = " (a number, not a string: write it without quotes)" if _is_number_text(value) else ""
+            raise ConfigValueError(name, value, expected + hint)
+        return number
+    return check
+
+
+def _flag(optional: bool = False) -> Callable[[str, Any], Any]:
+    def check(name: str, value: Any) -> Any:
+        if not (isinstance(value, bool) or (value is None and optional)):
+            raise ConfigValueError(name, value, "true or false" + (" (or unset for the default)" if optional else ""))
+        return value
+    return check
+
+
+def _text(optional: bool = False, path: bool = False) -> Callable[[str, Any], Any]:
+    def check(name: str, value: Any) -> Any:
+        if value is None and optional:
+            return value
+        if path and isinstance(value, os.PathLike):
+            value = os.fspath(value)
+        if not isinstance(value, str) or not value or "\0" in value:
+            raise ConfigValueError(name, value, "a non-empty string" + (" (a path)" if path else ""))
+        return value
+    return check
+
+
+def _choice(choices: Sequence[str], shown: Sequence[str] | None = None) -> Callable[[str, Any], Any]:
+    def check(name: str, value: Any) -> Any:
+        if not isinstance(value, str) or value not in choices:
+            listed = shown or choices
+            raise ConfigValueError(name, value, f"one of: {', '.join(listed)}", choices=listed)
+        return value
+    return check
+
+
+def _json_value(value: Any) -> Any:
+    """``value`` as JSON holds it (tuples become lists), or TypeError/ValueError: a config is saved as JSON."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(value)
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_json_value(v) for v in value]
+    if isinstance(value, Mapping) and all(isinstance(k, str) for k in value):
+        return {k: _json_value(v) for k, v in value.items()}
+    raise TypeError(value)
+
+
+def _model_kwargs(name: str, value: Any) -> Any:
+    try:
+        if not isinstance(value, Mapping):
+            raise TypeError(value)
+        return _json_value(value)
+    except (TypeError, ValueError):
+        raise ConfigValueError(
+            name, value, "a table of keyword arguments with plain values (strings, numbers, booleans, lists, tables)"
+        ) from None
+
+
+_POSITIVE = "a positive integer"
+_CHECKS: dict[str, Callable[[str, Any], Any]] = {
+    "data": _text(),
+    "model": _text(),
+    "model_kwargs": _model_kwargs,
+    "epochs": _integer(1, _POSITIVE),
+    "batch_size": _integer(1, _POSITIVE),
+    "lr": _number(0, True, "a positive number"),
+    "optimizer": _choice(OPTIMIZERS),
+    "momentum": _number(0, False, "a number, 0 or more"),
+    "weight_decay": _number(0, False, "a number, 0 or more"),
+    "loss": _choice(LOSSES + ("auto",), shown=LOSSES),
+    "scheduler": _choice(SCHEDULERS),
+    "scheduler_interval": _choice(("epoch", "step")),
+    "step_size": _integer(1, _POSITIVE),
+    "gamma": _number(0, True, "a positive number"),
+    "clip_grad_norm": _number(0, True, "a positive number", optional=True),
+    "seed": _integer(0, "an integer from 0 to 2**32 - 1", high=2**32 - 1),  # numpy's range; the loop derives more
+    "device": _text(),
+    "deterministic": _flag(optional=True),
+    "channels_last": _flag(optional=True),
+    "data_dir": _text(optional=True, path=True),
+    "num_workers": _integer(0, "an integer, 0 or more"),
+    "run_dir": _text(optional=True, path=True),
+    "save_every": _integer(1, _POSITIVE, optional=True),
+    "save_every_seconds": _number(0, True, "a positive number", optional=True),
+    "async_save": _flag(),
+    "strategy": _choice(STRATEGIES),
+    "keep_last": _integer(0, "an integer, 0 or more"),
+    "keep_best": _integer(0, "an integer, 0 or more"),
+    "monitor": _choice(METRICS),
+    "patience": _integer(1, _POSITIVE, optional=True),
+    "quiet": _flag(),
+    "tensorboard": _flag(),
+}

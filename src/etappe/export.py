@@ -36,7 +36,6 @@ import sys
 import tempfile
 import threading
 import warnings
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -605,9 +604,14 @@ def read_sidecar(path: str | Path) -> dict | None:
     if not side.is_file():
         return None
     try:
-        return json.loads(side.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise EtappeError(f"{side}: cannot read the export sidecar: {exc}; delete it or export again") from None
+        meta = json.loads(side.read_text())
+    except (OSError, ValueError, RecursionError) as exc:
+        raise EtappeError(f"{side}: cannot read the export sidecar: {_first_line(exc)}; delete it or export "
+                          "again") from None
+    if not isinstance(meta, dict):
+        raise EtappeError(f"{side}: expected an export sidecar (a JSON object), found {type(meta).__name__}; "
+                          "delete it or export again")
+    return meta
 
 
 # ---------------------------------------------------------------- loading models back
@@ -653,106 +657,129 @@ def load_model(
     input_shape: Sequence[int] | None = None,
     num_outputs: int | None = None,
     model_kwargs: Mapping[str, Any] | None = None,
+    trusted: bool = False,
 ) -> tuple[nn.Module, dict]:
     """Load a model for inference, in eval mode, from a run folder (its ``which`` checkpoint: best or latest),
-    a checkpoint folder, a state dict (``.pt``/``.pth``/``.safetensors``), a TorchScript file, a ``.pt2`` or an
-    ``.onnx`` file (run by onnxruntime). Returns the model and its config: the run's saved config, or the
-    export sidecar; ``config["data_spec"]`` describes the inputs when known.
+    a checkpoint folder, a state dict (torch.save or safetensors), a TorchScript file, a ``.pt2`` or an ONNX file
+    (run by onnxruntime). Returns the model and its config: the run's saved config, or the export sidecar;
+    ``config["data_spec"]`` describes the inputs when known.
 
-    A state dict is rebuilt from its sidecar or the run's ``config.json`` beside it; ``model`` (a registry name),
-    ``input_shape`` and ``num_outputs`` supply or override what those record.
+    What a file is, is read from its content (``detect_format``), never from its name or its sidecar. TorchScript
+    and ``.pt2`` files are programs that run code from the file when loaded: they load only with ``trusted=True``
+    (CLI: ``--trust``). A state dict is rebuilt from its sidecar or the run's ``config.json`` beside it, or from a
+    checkpoint's config; a model named there must be one of etappe's built-in models, unless ``trusted`` or the
+    same ``module:factory`` is given as ``model``. ``model`` (a registry name or module:factory), ``input_shape``
+    and ``num_outputs`` supply or override what those record.
     """
     path = Path(path)
     if not path.exists():
         raise UsageError(f"{path} does not exist; expected a run folder, a checkpoint folder or a model file")
     overrides = {"model": model, "input_shape": input_shape, "num_outputs": num_outputs, "model_kwargs": model_kwargs}
     if path.is_dir():
-        module, config = _load_folder(path, which, overrides)
+        module, config = _load_folder(path, which, overrides, trusted)
     else:
-        module, config = _load_file(path, overrides)
+        module, config = _load_file(path, overrides, trusted)
     module.eval()
     return module, config
 
 
-def _load_folder(path: Path, which: str, overrides: dict) -> tuple[nn.Module, dict]:
+def _load_folder(path: Path, which: str, overrides: dict, trusted: bool) -> tuple[nn.Module, dict]:
     if which not in ("best", "latest"):
         raise UsageError(f"which checkpoint: expected 'best' or 'latest', got {which!r}")
     if (path / "checkpoints").is_dir() or (path / "config.json").is_file():  # a run folder
         from etappe.checkpoint import CheckpointStore
 
         saved = _read_json(path / "config.json") or {}
-        monitor = saved.get("monitor", "val_loss")
+        monitor = saved.get("monitor")
+        monitor = monitor if isinstance(monitor, str) and monitor else "val_loss"
         # ranked as the trainer ranks them; without a monitor, best() would be the latest
         store = CheckpointStore(path / "checkpoints", monitor=monitor, mode="max" if "acc" in monitor else "min")
         ckpt = store.best() if which == "best" else store.latest()
         if ckpt is None:
             if (path / "model.safetensors").is_file():
-                return _load_file(path / "model.safetensors", overrides)
+                return _load_file(path / "model.safetensors", overrides, trusted)
             raise EtappeError(f"{path}: no valid checkpoint under {path / 'checkpoints'} and no model.safetensors; "
                               "train first (etappe train --run-dir ...) or check it with etappe verify")
         path = Path(ckpt)
-    return _load_checkpoint(path, overrides)
+    return _load_checkpoint(path, overrides, trusted)
 
 
-def _load_checkpoint(path: Path, overrides: dict) -> tuple[nn.Module, dict]:
+def _load_checkpoint(path: Path, overrides: dict, trusted: bool) -> tuple[nn.Module, dict]:
     from etappe.checkpoint import load
 
     values = load(path)  # verified; entries come back as plain values, the model as its state dict
-    config = dict(values.get("config") or {})
+    config = values.get("config")
+    config = dict(config) if isinstance(config, Mapping) else {}
     state = values.get("model")
     if not isinstance(state, Mapping):
         raise EtappeError(f"{path}: the checkpoint holds no 'model' entry; it holds: {', '.join(values)}")
-    module = _build(config, overrides, str(path), state)
-    try:
-        module.load_state_dict(state)
-    except RuntimeError as exc:
-        raise _does_not_fit(path, config, exc) from None
+    module = _build(config, overrides, str(path), trusted, state)
+    _load_state(module, state, path, config)
     config["checkpoint"] = str(path)
     return module, config
 
 
 def _read_json(path: Path) -> dict | None:
     try:
-        return json.loads(path.read_text()) if path.is_file() else None
-    except (OSError, json.JSONDecodeError):
+        value = json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError, RecursionError):
         return None
+    return value if isinstance(value, dict) else None
 
 
-def _does_not_fit(path: Path, config: dict, exc: Exception) -> UsageError:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return UsageError(f"{path} does not fit model {config['model']!r} with input shape "
-                      f"{tuple(config['input_shape'])}: {' '.join(lines[:2])}")
+def _load_state(module: nn.Module, state: Mapping, path: Path, config: dict) -> None:
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        raise UsageError(f"{path} does not fit model {config['model']!r} with input shape "
+                         f"{tuple(config['input_shape'])}: {' '.join(lines[:2])}") from None
 
 
-def _load_file(path: Path, overrides: dict) -> tuple[nn.Module, dict]:
+_PROGRAMS = {
+    "torchscript": "{path}: a TorchScript archive, which is a program: loading it runs code the file holds (its "
+                   "methods and __setstate__). etappe loads one only with --trust (Python: trusted=True), if you "
+                   "trust where it came from; or use its .onnx or .safetensors export",
+    "export": "{path}: a torch.export program (.pt2): torch's loader unpickles parts of it in full and executes "
+              "Python code it holds (guards, shape expressions), so etappe loads one only with --trust (Python: "
+              "trusted=True), if you trust where it came from; or use its .onnx or .safetensors export",
+}
+
+
+def _load_file(path: Path, overrides: dict, trusted: bool) -> tuple[nn.Module, dict]:
+    fmt = detect_format(path)  # the content decides; a sidecar's "format" is only a record
     meta = read_sidecar(path)
     if meta is None:
         meta = _read_json(path.parent / "config.json")  # weights beside their run's config
     config = dict(meta or {})
-    if config.get("data_spec") and not config.get("data"):
-        config["data"] = config["data_spec"].get("name")
-    fmt = config.get("format") or _detect_format(path)
+    spec = config.get("data_spec")
+    if not isinstance(spec, Mapping):
+        config.pop("data_spec", None)
+    elif not config.get("data"):
+        config["data"] = spec.get("name")
     config["format"] = fmt
+    if fmt in _PROGRAMS and not trusted:
+        raise UsageError(_PROGRAMS[fmt].format(path=path))
     if fmt == "onnx":
-        module: nn.Module = OnnxModule(path)
+        module: nn.Module = _opened(path, "ONNX file", lambda: OnnxModule(path))
         shape = module.input_shape()
         if shape and not config.get("input_shape"):
             config["input_shape"] = list(shape)
     elif fmt == "export":
-        with _quiet():
-            program = torch.export.load(str(path))
-        module = ProgramModule(program)
-        if not config.get("input_shape") and program.example_inputs:
-            config["input_shape"] = list(program.example_inputs[0][0].shape[1:])
+        def load_program() -> tuple[nn.Module, Any]:
+            with _quiet():
+                program = torch.export.load(str(path))
+                return ProgramModule(program), program.example_inputs
+
+        module, examples = _opened(path, ".pt2 (torch.export) file", load_program)
+        if not config.get("input_shape") and examples and examples[0] and torch.is_tensor(examples[0][0]):
+            config["input_shape"] = list(examples[0][0].shape[1:])
     elif fmt == "torchscript":
-        module = torch.jit.load(str(path), map_location="cpu")
+        module = _opened(path, "TorchScript archive", lambda: torch.jit.load(str(path), map_location="cpu"))
     else:
         state = _read_state(path, fmt)
-        module = _build(config, overrides, str(path), state)
-        try:
-            module.load_state_dict(state)
-        except RuntimeError as exc:
-            raise _does_not_fit(path, config, exc) from None
+        module = _build(config, overrides, str(path), trusted, state)
+        _load_state(module, state, path, config)
     if overrides["input_shape"]:
         config["input_shape"] = list(overrides["input_shape"])
     if not config.get("data_spec") and config.get("input_shape"):
@@ -761,35 +788,101 @@ def _load_file(path: Path, overrides: dict) -> tuple[nn.Module, dict]:
     return module, config
 
 
-def _detect_format(path: Path) -> str:
-    name = path.name
-    if name.endswith(".onnx"):
-        return "onnx"
-    if name.endswith(".pt2"):
-        return "export"
-    if name.endswith(".safetensors"):
+def _opened(path: Path, what: str, load: Any) -> Any:
+    """``load()``, with any failure of torch's or onnxruntime's loaders as one line naming the file."""
+    try:
+        return load()
+    except EtappeError:
+        raise
+    except Exception as exc:  # each loader has its own exception types (RuntimeError, InvalidProtobuf, ...)
+        raise EtappeError(f"{path}: not a valid {what} ({_first_line(exc)})") from None
+
+
+# ModelProto's fields and their protobuf wire types (0 varint, 2 length-delimited), from onnx.proto
+_ONNX_FIELDS = {1: 0, 2: 2, 3: 2, 4: 2, 5: 0, 6: 2, 7: 2, 8: 2, 14: 2, 20: 2, 25: 2, 26: 2}
+_EXPECTED = ("expected a state dict (torch.save or safetensors), a TorchScript archive, a .pt2 (torch.export) or an "
+             "ONNX file")
+
+
+def detect_format(path: str | Path) -> str:
+    """What model file ``path`` is, from its content alone (never its name or a sidecar): 'torchscript',
+    'export' (.pt2), 'onnx', 'safetensors' or 'state-dict' (a torch.save file). A zip archive's members are
+    checked (uncompressed, within the file) before anything in it is read. Raises EtappeError for anything else."""
+    from etappe.checkpoint import legacy
+
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError as exc:
+        raise EtappeError(f"{path}: cannot read: {exc.strerror}") from None
+    if not head:
+        raise EtappeError(f"{path}: the file is empty; {_EXPECTED}")
+    if head.startswith(b"PK"):
+        infos = legacy.check_archive(path, "model file")
+        kind = legacy.archive_kind(infos)
+        if kind == "export" and legacy.read_archive_member(path, infos, "archive_format") != b"pt2":
+            kind = None
+        if kind is None:
+            raise EtappeError(f"{path}: a zip archive, but not one torch.save, TorchScript or torch.export writes; "
+                              + _EXPECTED)
+        return "state-dict" if kind == "torch.save" else kind
+    if legacy.is_safetensors(head, size):
         return "safetensors"
-    if name.endswith((".pt", ".pth", ".bin", ".ts")):
-        if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as z:
-                names = z.namelist()
-            if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
-                return "torchscript"
+    if head[0] == 0x80:  # a pickle: torch.save's older, non-zip format
         return "state-dict"
-    raise UsageError(f"{path}: unknown model file type; expected a run or checkpoint folder, .pt/.pth (state dict "
-                     "or TorchScript), .safetensors, .pt2 (torch.export) or .onnx")
+    problem = _onnx_problem(path, size)
+    if problem is None:
+        return "onnx"
+    if path.name.endswith(".onnx") or head[0] == 0x08:  # ModelProto starts with its ir_version, field 1
+        raise EtappeError(f"{path}: not a valid ONNX file ({problem})")
+    raise EtappeError(f"{path}: not a model file etappe reads (it starts with 0x{head[:8].hex()}); {_EXPECTED}")
+
+
+def _onnx_problem(path: Path, size: int) -> str | None:
+    """None if ``path`` is an ONNX ModelProto as far as its top-level fields show (each a field ModelProto has, of
+    its wire type, lengths ending exactly at the end of the file, a graph among them); else what is wrong."""
+    import mmap
+
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        pos, graph = 0, False
+        while pos < size:
+            start = pos
+            key, pos = _varint(m, pos, size)
+            if key is None:
+                return f"truncated at byte {start}"
+            field, wire = key >> 3, key & 7
+            if _ONNX_FIELDS.get(field) != wire:
+                return f"field {field} of wire type {wire} at byte {start} is not part of an ONNX model"
+            value, pos = _varint(m, pos, size)
+            if value is None:
+                return f"truncated at byte {start}"
+            if wire == 2:
+                pos += value
+                if pos > size:
+                    return f"truncated: field {field} at byte {start} runs {pos - size} bytes past the end of the file"
+                graph = graph or field == 7
+    return None if graph else "it holds no graph"
+
+
+def _varint(m: Any, pos: int, size: int) -> tuple[int | None, int]:
+    value = 0
+    for shift in range(0, 70, 7):
+        if pos >= size:
+            return None, pos
+        byte = m[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, pos
+    return None, pos
 
 
 def _read_state(path: Path, fmt: str) -> dict:
-    try:
-        if fmt == "safetensors":
-            from safetensors.torch import load_file
+    from etappe.checkpoint import legacy
 
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, weights_only=True, map_location="cpu")
-    except Exception as exc:
-        raise EtappeError(f"{path}: cannot read it as a {fmt} file: {_first_line(exc)}") from None
+    state = legacy.read(path)  # weights only: checked archive, no pickled objects, sparse tensors checked
     if isinstance(state, Mapping):
         for key in ("model_state_dict", "state_dict", "model"):  # common wrappers around a state dict
             if isinstance(state.get(key), Mapping):
@@ -800,24 +893,34 @@ def _read_state(path: Path, fmt: str) -> dict:
     return dict(state)
 
 
-def _build(config: dict, overrides: dict, where: str, state: Mapping | None = None) -> nn.Module:
+def _build(config: dict, overrides: dict, where: str, trusted: bool, state: Mapping | None = None) -> nn.Module:
     from etappe import models
 
     spec = config.get("data_spec") or {}
     name = overrides["model"] or config.get("model")
+    if name and not overrides["model"]:
+        name = models.from_file(name, where, trusted=trusted)  # a name from a file: built-in, or trusted
     shape = overrides["input_shape"] or spec.get("input_shape") or config.get("input_shape")
     if not name or not shape:
         raise UsageError(
             f"{where} holds weights only; to rebuild the model pass --model NAME and --input-shape C,H,W "
             "(or keep the .json sidecar etappe export writes, or the run's config.json, beside it)"
         )
+    if not isinstance(shape, (list, tuple)) or not all(_positive_int(d) for d in shape):
+        raise UsageError(f"{where}: its config gives input shape {shape!r}, not positive sizes; pass "
+                         "--input-shape C,H,W")
     outputs = overrides["num_outputs"] or spec.get("num_outputs") or config.get("num_outputs")
     if not outputs and state:
         weights = [v for k, v in state.items() if k.endswith("weight") and v.ndim >= 1]
         outputs = int(weights[-1].shape[0]) if weights else None
     if not outputs:
         raise UsageError(f"{where}: cannot tell how many outputs the model has; pass --num-outputs N")
-    kwargs = dict(overrides["model_kwargs"] or config.get("model_kwargs") or {})
+    if not _positive_int(outputs):
+        raise UsageError(f"{where}: its config gives {outputs!r} outputs, not a positive count; pass --num-outputs N")
+    kwargs = overrides["model_kwargs"] or config.get("model_kwargs") or {}
+    if not isinstance(kwargs, Mapping):
+        raise UsageError(f"{where}: its config gives model_kwargs {kwargs!r}; expected keyword arguments (a mapping)")
+    kwargs = dict(kwargs)
     config.update(model=name, input_shape=list(shape), num_outputs=int(outputs), model_kwargs=kwargs)
     module = models.build(name, tuple(shape), int(outputs), **kwargs)
     if config.get("channels_last"):  # the layout the run trained in: eval then computes exactly as training did
@@ -825,6 +928,10 @@ def _build(config: dict, overrides: dict, where: str, state: Mapping | None = No
 
         to_channels_last(module)
     return module
+
+
+def _positive_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x > 0
 
 
 # ---------------------------------------------------------------- from a run or checkpoint, for the CLI
@@ -841,13 +948,14 @@ def export_path(
     model: str | None = None,
     data_dir: str | None = None,
     samples: int = 64,
+    trusted: bool = False,
 ) -> list[Exported]:
     """Export a run, checkpoint or weights file: the example and parity inputs are the first ``samples``
     test-set inputs of the data set the run records (seeded random ones if it cannot be loaded or
     ``input_shape`` differs). ``out`` is the file for one format, a folder for several (default:
-    ``RUN/export/model.<suffix>``)."""
+    ``RUN/export/model.<suffix>``). ``model`` and ``trusted`` as for ``load_model``."""
     path = Path(path)
-    module, config = load_model(path, which=which, model=model, input_shape=input_shape)
+    module, config = load_model(path, which=which, model=model, input_shape=input_shape, trusted=trusted)
     spec = dict(config.get("data_spec") or {})
     shape = tuple(input_shape or spec.get("input_shape") or config.get("input_shape") or ())
     if not shape:

@@ -19,7 +19,8 @@ def info(message: str) -> None:
 
 
 def warn(message: str) -> None:
-    print(f"etappe: warning: {message}", file=sys.stderr, flush=True)
+    """One ``etappe: warning:`` line on stderr."""
+    print(f"etappe: warning: {' '.join(message.split())}", file=sys.stderr, flush=True)
 
 
 def epoch_line(row: dict, epochs: int) -> str:
@@ -98,7 +99,19 @@ def read_history(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise EtappeError(f"{path} does not exist; expected a run folder written by etappe train")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(path.read_bytes().decode("utf-8", "replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            row = exc
+        if not isinstance(row, dict) or not isinstance(row.get("epoch"), (int, float)):
+            raise EtappeError(f"{path} line {number} is not an epoch's metrics (a JSON object with an epoch); "
+                              f"the run's checkpoints hold the same history: see etappe inspect {Path(run_dir)}")
+        rows.append(row)
+    return rows
 
 
 def _write_text(path: Path, text: str) -> None:

@@ -29,7 +29,7 @@ from torch import nn
 
 from etappe import distributed, log
 from etappe.checkpoint import sharded
-from etappe.config import config_differences
+from etappe.config import check_resume
 from etappe.data.sampler import EpochBatchSampler, ResumableBatches
 from etappe.data.sets import TensorData
 from etappe.errors import EtappeError, TrainingError, UsageError
@@ -283,7 +283,10 @@ class Trainer:
 
         self.progress, self.history = Progress(), History()
         self.per_rank = PerRank(self.progress, self.rank, self.world_size)
-        self.config = dict(config) if config else {}
+        # What makes this run this run, saved in every checkpoint and compared on resume: the CLI's config, or
+        # what the objects given here say of themselves.
+        self.config = dict(config) if config else self._derived_config()
+        self._check_monitor(monitor, patience, metrics_fn)
         self.allow_config_change = allow_config_change
         self.save_every, self.save_every_seconds = save_every, save_every_seconds
         self.monitor, self.patience = monitor, patience
@@ -395,10 +398,26 @@ class Trainer:
             distributed.barrier()
         return path
 
-    def resume(self, path: str | Path | None = None) -> Path | None:
-        """Restore the newest valid checkpoint of the run folder (or ``path``). Returns what was loaded."""
+    def resume(self, path: str | Path | None = None, *, epochs: int | None = None) -> Path | None:
+        """Restore the newest valid checkpoint of the run folder (or ``path``). Returns what was loaded.
+
+        Before anything is restored into the objects, the checkpoint's config is compared with this Trainer's
+        (a run-defining difference is refused unless ``allow_config_change``), and, given ``epochs``, a run that
+        has more epochs done than that is refused: it cannot be the run asked for."""
         if self.store is None and path is None:
             return None
+        if path is None and self.main:
+            # resuming the run folder makes this Trainer its one writer: a second one stops here, before it
+            # restores or writes anything (config.json included)
+            self.store.lock()
+        try:
+            return self._resume(path, epochs)
+        except BaseException:
+            if self.store is not None:
+                self.store.close()  # a refused resume lets go of the folder: a corrected call may take it again
+            raise
+
+    def _resume(self, path: str | Path | None, epochs: int | None) -> Path | None:
         if path is None:
             if self.main:
                 try:
@@ -410,15 +429,25 @@ class Trainer:
             if path is None:
                 return None
         from etappe.checkpoint import load
+        from etappe.checkpoint.folder import read, restore
 
-        saved = load(path, **self.state_objects())
-        saved_config = saved.get("config") or {}
-        differences = config_differences(saved_config, self.config) if saved_config and self.config else []
-        if differences and not self.allow_config_change:
-            raise UsageError(
-                f"{path} was made with a different config ({'; '.join(differences)}); resuming would make it a "
-                "different run. Use a new --run-dir, or --allow-config-change to continue anyway"
-            )
+        path = Path(path)
+        if path.is_dir():  # an etappe checkpoint: read and verified once, checked, then restored
+            entries = read(path)
+            saved_config = entries.get("config") if isinstance(entries.get("config"), Mapping) else {}
+            # A checkpoint from before configs were derived in Python holds {}: there is nothing to compare.
+            differences = check_resume(self.run_dir or path, saved_config, self.config,
+                                       allow=self.allow_config_change) if saved_config else []
+            progress = entries.get("progress")
+            done = progress.get("epoch") if isinstance(progress, Mapping) else None
+            if epochs is not None and isinstance(done, int):
+                self._refuse_fewer_epochs(done, epochs)
+            restore(path, entries, self.state_objects())
+        else:  # a plain torch.save file: no config, no counters to check
+            load(path, **self.state_objects())
+            saved_config, differences = {}, []
+        if differences:  # allowed: what changed applies from here
+            self._apply_changed_hyperparameters(saved_config)
         if differences and self.config.get("lr") is not None and saved_config.get("lr") != self.config["lr"]:
             # The optimizer's saved param groups carry the old rate; an allowed change of --lr applies from here.
             for opt in self.optimizers.values():
@@ -432,23 +461,107 @@ class Trainer:
                 f"{path} was written by another number of ranks than the {self.world_size} resuming it: training "
                 "continues from it, but not bit-exact (the random states per rank differ)"
             )
-        self.resumed_from = Path(path)
+        self.resumed_from = path
+        if not self.quiet:
+            p = self.progress
+            where = self.run_dir if self.run_dir is not None else path
+            log.info(f"Resuming {where} from step {p.step} (epoch {p.epoch + 1}, batch {p.batches_done_in_epoch})")
         return self.resumed_from
+
+    def _refuse_fewer_epochs(self, done: int, epochs: int) -> None:
+        # Training on is what a repeated call asks for; a model of fewer epochs than the run has done cannot be
+        # given back (its checkpoint may be pruned), and returning the longer-trained one instead would answer a
+        # different question without a word.
+        if done > epochs:
+            where = self.run_dir if self.run_dir is not None else "this Trainer"
+            raise UsageError(
+                f"{where} has {done} epochs done; epochs={epochs} asks for fewer: nothing was trained. "
+                f"Ask for {done} or more to continue it, load its checkpoint with etappe.load, or use a new run folder"
+            )
+
+    def _derived_config(self) -> dict[str, Any]:
+        """The run-defining config of a Trainer made without one, from the objects it was given: what would make a
+        resumed run a different run (the optimizers' hyperparameters, the batch size, the seed, ...)."""
+        loss = self.loss_fn
+        loss_name = type(loss).__qualname__ if isinstance(loss, nn.Module) or not hasattr(loss, "__qualname__") \
+            else loss.__qualname__  # a module's class, or a plain function's name
+
+        def optimizer(opt: Any) -> dict[str, Any]:
+            groups = [{"params": len(g["params"]), **{k: _plain(v) for k, v in g.items() if k not in _NOT_HYPER}}
+                      for g in getattr(opt, "param_groups", [])]
+            return {"type": type(opt).__qualname__, "param_groups": groups}
+
+        def scheduler(sched: Any) -> dict[str, Any]:
+            state = sched.state_dict() if callable(getattr(sched, "state_dict", None)) else {}
+            return {"type": type(sched).__qualname__,
+                    **{k: _plain(v) for k, v in state.items() if not k.startswith("_") and k not in _SCHEDULER_STATE}}
+
+        return {
+            "batch_size": self.batches.batch_size,
+            "seed": self.seed,
+            "shuffle": self.batches.shuffle,
+            "clip_grad_norm": self.clip_grad_norm,
+            "scheduler_interval": self.scheduler_interval,
+            "models": {k: type(unwrap(m)).__qualname__ for k, m in self.models.items()},
+            "optimizers": {k: optimizer(o) for k, o in self.optimizers.items()},
+            "schedulers": {k: scheduler(s) for k, s in self.schedulers.items()},
+            "loss_fn": loss_name if loss is not None else None,
+        }
+
+    def _apply_changed_hyperparameters(self, saved: Mapping[str, Any]) -> None:
+        """After an allowed change, the hyperparameters given to this Trainer's optimizers replace the restored
+        ones where they differ from the saved run's (the restored param groups carry the old ones)."""
+        for name, opt in self.optimizers.items():
+            new = (self.config.get("optimizers") or {}).get(name, {}).get("param_groups")
+            old = ((saved.get("optimizers") or {}).get(name) or {}).get("param_groups")
+            if not (isinstance(new, list) and isinstance(old, list) and len(new) == len(old) == len(opt.param_groups)):
+                continue  # another layout of groups: nothing to match
+            for i, (group, was, now) in enumerate(zip(opt.param_groups, old, new)):
+                for key, value in now.items():
+                    if key == "params" or key not in group or (isinstance(was, Mapping) and was.get(key) == value):
+                        continue
+                    group[key] = tuple(value) if isinstance(group[key], tuple) else value
+                    if key == "lr":
+                        for sched in self.schedulers.values():
+                            if hasattr(sched, "base_lrs") and i < len(sched.base_lrs):
+                                sched.base_lrs[i] = value
+
+    def _check_monitor(self, monitor: str, patience: int | None, metrics_fn: Any) -> None:
+        """A ``monitor`` this Trainer can never record is refused now, not found out after the run (when patience
+        would never have stopped it). A step_fn's or metrics_fn's metrics are known once an epoch ends."""
+        self._monitor_missing_told = False
+        if self.step_fn is not None or metrics_fn is not None:
+            return
+        validating = self.val_data is not None and self.loss_fn is not None
+        recorded = ["train_loss", "lr", *(["val_loss", "val_accuracy"] if validating else [])]
+        if monitor in recorded:
+            return
+        if monitor in ("val_loss", "val_accuracy"):
+            if patience is not None:
+                raise UsageError(f"monitor {monitor!r} needs val_data; without it patience={patience} never stops the "
+                                 "run: give val_data, or monitor='train_loss'")
+            return  # the best checkpoint falls back to the latest
+        raise UsageError(f"monitor {monitor!r} is not a metric this Trainer records ({', '.join(recorded)}); "
+                         "name one of those, or add yours with metrics_fn")
 
     # ------------------------------------------------------------ the loop
 
     def fit(self, epochs: int) -> History:
-        """Train until ``epochs`` epochs are done in all (a resumed run continues; a finished one is extended)."""
-        self.resume()
-        if self.resumed_from is not None and not self.quiet:
-            p = self.progress
-            log.info(f"Resuming {self.run_dir} from step {p.step} (epoch {p.epoch + 1}, batch {p.batches_done_in_epoch})")
+        """Train until ``epochs`` epochs are done in all (a resumed run continues; a finished one is extended).
+        A run with more epochs done than ``epochs`` is refused (UsageError), before anything is restored."""
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+            raise UsageError(f"epochs={epochs!r} is not valid; expected a positive integer")
+        if self.resumed_from is None:
+            self.resume(epochs=epochs)
+        self._refuse_fewer_epochs(self.progress.epoch, epochs)
         writer = log.tensorboard_writer(self.run_dir, self.progress.epoch) if self.tensorboard and self.main else None
         p = self.progress
         if p.finished:
             if not self.quiet:
                 log.info(f"{self.run_dir} stopped early after epoch {p.epoch} ({self.monitor} no longer improved)")
             return self.history
+        if self.store is not None and self.main:
+            self.store.lock()  # one writer per run folder, from here until close(); a second trainer stops here
         last_save_time = time.monotonic()
         try:
             with preemption_guard() as preempt:
@@ -498,7 +611,7 @@ class Trainer:
         except BaseException:
             if self.store is not None and self.main:
                 try:
-                    self.store.wait()  # an async write in flight holds a good state from before the failure
+                    self.store.close()  # an async write in flight holds a good state from before the failure
                 except EtappeError as exc:
                     log.warn(f"the checkpoint being written in the background failed as well: {exc}")
             raise
@@ -581,6 +694,10 @@ class Trainer:
         p = self.progress
         value = row.get(self.monitor)
         if value is None:
+            if self.patience is not None and not self._monitor_missing_told and not self.quiet:
+                self._monitor_missing_told = True
+                log.warn(f"monitor {self.monitor!r} is not among this run's metrics ({', '.join(row)}): "
+                         f"patience={self.patience} does nothing")
             return False
         better = (lambda a, b: a > b) if "acc" in self.monitor else (lambda a, b: a < b)
         if p.best_metric is None or better(value, p.best_metric):
@@ -588,6 +705,25 @@ class Trainer:
         else:
             p.epochs_without_improvement += 1
         return self.patience is not None and p.epochs_without_improvement >= self.patience
+
+
+# Param-group keys that are not hyperparameters: how the step is computed, not what it computes.
+_NOT_HYPER = {"params", "param_names", "initial_lr", "foreach", "fused", "capturable", "differentiable"}
+# A scheduler's state_dict keys that are its position or copies of the optimizer's rates, not its settings.
+_SCHEDULER_STATE = {"last_epoch", "base_lrs", "verbose", "best", "num_bad_epochs", "cooldown_counter", "lr_lambdas"}
+
+
+def _plain(value: Any) -> Any:
+    """A hyperparameter as JSON would hold it, so a saved one compares equal to a fresh one."""
+    if torch.is_tensor(value):
+        return value.item() if value.numel() == 1 else value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return type(value).__qualname__
 
 
 def _batch_len(batch: Any) -> int:

@@ -3,13 +3,19 @@
 A model is named on the command line by a registry name (``cnn``) or, for a
 user's own model, by ``module:factory``; the factory is called with the same
 keyword arguments as the built-ins (``input_shape``, ``num_outputs``).
+
+A name read from a file (a checkpoint's config, a run's config.json, an export
+sidecar) goes through ``from_file`` first: importing a module the file names
+runs that module's code, so only built-in names pass unless the user trusts the
+file or names the same factory themselves.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
@@ -93,6 +99,50 @@ def resolve(name: str) -> Callable[..., nn.Module]:
     raise UsageError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}, or give module:factory")
 
 
+def from_file(name: Any, where: str, *, trusted: bool = False, named: str | None = None, python: bool = True) -> str:
+    """``name`` as read from ``where``'s config, if it may be built: one of etappe's built-in models, or a
+    ``module:factory`` only when ``trusted`` or when the user ``named`` the same factory."""
+    if not isinstance(name, str) or not name:
+        raise UsageError(f"{where}: expected a model name in its config, found {name!r}; pass --model NAME")
+    if name in MODELS or trusted or name == named:
+        return name
+    hint = f" (Python: trusted=True, or model={name!r})" if python else ""
+    raise UsageError(
+        f"{where} names model {name!r} from its config; etappe imports a module named in a file only with --trust, "
+        f"or pass --model {name}{hint}"
+    )
+
+
+def check_arguments(name: str, factory: Callable[..., nn.Module], kwargs: Mapping[str, Any]) -> None:
+    """Refuse keyword arguments the factory does not take, and a factory that cannot take the ones etappe passes."""
+    try:
+        params = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):  # a builtin without a signature: its call will say what is wrong
+        return
+    bad = [k for k in kwargs if not isinstance(k, str) or k in ("input_shape", "num_outputs")]
+    if bad:
+        raise UsageError(f"model {name!r}: keyword argument {bad[0]!r} cannot be given; etappe passes input_shape "
+                         "and num_outputs from the data")
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return
+    takes = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    missing = [k for k in ("input_shape", "num_outputs") if k not in takes]
+    if missing:
+        raise UsageError(f"model {name!r} cannot be built: its factory takes no {' or '.join(missing)} keyword "
+                         "argument; etappe calls it as factory(input_shape=..., num_outputs=..., **model_args)")
+    extra = [p for p in takes if p not in ("input_shape", "num_outputs")]
+    unknown = [k for k in kwargs if k not in extra]
+    if unknown:
+        it_takes = f"it takes: {', '.join(extra)}" if extra else "it takes none"
+        raise UsageError(f"model {name!r} takes no keyword argument {unknown[0]!r}; {it_takes}")
+    required = [p.name for p in params if p.name in extra and p.default is p.empty and p.name not in kwargs]
+    if required:
+        raise UsageError(f"model {name!r} needs keyword argument {required[0]!r}; pass --model-arg {required[0]}=VALUE")
+
+
 def build(name: str, input_shape: tuple[int, ...], num_outputs: int, **kwargs: object) -> nn.Module:
-    """Build a model by name, sized for ``input_shape`` (one sample, no batch) and ``num_outputs``."""
-    return resolve(name)(input_shape=tuple(input_shape), num_outputs=num_outputs, **kwargs)
+    """Build a model by name, sized for ``input_shape`` (one sample, no batch) and ``num_outputs``. Keyword
+    arguments must be ones the factory takes."""
+    factory = resolve(name)
+    check_arguments(name, factory, kwargs)
+    return factory(input_shape=tuple(input_shape), num_outputs=num_outputs, **kwargs)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
+
+from etappe.checkpoint.fsio import atomic_write_bytes
+from etappe.errors import UsageError
 
 
 def plot_history(rows: list[dict], out: Path) -> Path:
@@ -33,7 +37,14 @@ def plot_history(rows: list[dict], out: Path) -> Path:
         ax.legend()
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
+    kind = out.suffix.lstrip(".").lower() or "png"
+    if kind not in fig.canvas.get_supported_filetypes():
+        plt.close(fig)
+        raise UsageError(f"cannot draw {out}: {out.suffix!r} is not an image format matplotlib writes; "
+                         f"use one of: {', '.join('.' + k for k in sorted(fig.canvas.get_supported_filetypes()))}")
+    image = io.BytesIO()
+    fig.savefig(image, format=kind, dpi=100)
     plt.close(fig)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out, image.getvalue())  # a failed write keeps the previous figure
     return out

@@ -41,12 +41,16 @@ def predict(
     batch_size: int = 256,
     which: str = "best",
     input_shape: Sequence[int] | None = None,
+    model_name: str | None = None,
+    trusted: bool = False,
 ) -> list[dict]:
     """Predict for every sample in ``inputs`` (paths, or one array). ``model`` is a path ``load_model`` reads.
 
     Classification: ``{"input", "class", "probability", "top": [{"class", "probability"}, ...]}`` with the
     ``top`` most probable classes (softmax of the outputs). Regression: ``{"input", "value"}`` (a list when the
-    model has several outputs). ``input_shape`` overrides what the model's files record.
+    model has several outputs). ``input_shape`` overrides what the model's files record; ``model_name`` (a
+    registry name or module:factory) names the model to rebuild weights into, and ``trusted`` allows files that
+    run code when loaded (TorchScript, .pt2) and a module:factory named in the model's files, as for ``load_model``.
     """
     if top < 1:
         raise UsageError(f"--top must be at least 1, got {top}")
@@ -54,7 +58,7 @@ def predict(
 
     from etappe.export import load_model
 
-    module, config = load_model(model, which=which)
+    module, config = load_model(model, which=which, model=model_name, trusted=trusted)
     spec = dict(config.get("data_spec") or {})
     shape = tuple(input_shape or spec.get("input_shape") or config.get("input_shape") or ())
     if not shape:
@@ -207,12 +211,27 @@ def _read_image(path: Path, shape: tuple[int, ...], resize: bool) -> np.ndarray:
 def _read_array(path: Path, kind: str) -> np.ndarray:
     if kind == "npy":
         try:
+            _check_npy_size(path)
             return np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, EOFError) as exc:
             raise DataError(f"{path}: cannot read it as a NumPy .npy array: {exc}") from None
     from etappe.data.idx import read_idx
 
     return read_idx(path)
+
+
+def _check_npy_size(path: Path) -> None:
+    """A .npy header's shape and type must account for exactly the bytes that follow it: numpy allocates what the
+    header declares before reading, so a 100-byte file declaring 10**10 values would ask for 75 GB."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read_header(f)
+        start, size = f.tell(), path.stat().st_size
+    declared = math.prod(shape) * dtype.itemsize
+    if not dtype.hasobject and start + declared != size:
+        raise DataError(f"{path}: .npy header declares shape {tuple(shape)} of {dtype} ({start + declared} bytes with "
+                        f"header), but the file holds {size} bytes")
 
 
 def _from_array(

@@ -151,7 +151,7 @@ def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (all devices) from one number."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+    torch.manual_seed(seed % 2**64)  # torch takes 64 bits (a negative seed means this too); a derived seed may be more
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -3,11 +3,11 @@ retention, safe reading of plain torch.save files, and inspection.
 
     save(path, **objects)                 load(path, *, trusted=False, **objects)      verify(path)
     CheckpointStore(root, keep_last=..., keep_best=..., monitor=..., mode=..., keep_every=..., async_save=False)
-        .save(step, objects, metrics)  .latest()  .best()  .load()  .checkpoints()  .wait()  .close()
+        .save(step, objects, metrics)  .latest()  .best()  .load()  .checkpoints()  .lock()  .wait()  .close()
     inspect(path) / format_inspection(info)      verify_tree(path)
 """
 
-from etappe.checkpoint.errors import CheckpointError, CheckpointWarning
+from etappe.checkpoint.errors import CheckpointError, CheckpointWarning, NewerFormatError
 from etappe.checkpoint.folder import load, save, verify
 from etappe.checkpoint.inspection import format_inspection, inspect
 from etappe.checkpoint.manifest import CHECKSUM, checksum
@@ -19,6 +19,7 @@ __all__ = [
     "CheckpointError",
     "CheckpointStore",
     "CheckpointWarning",
+    "NewerFormatError",
     "checksum",
     "format_inspection",
     "inspect",

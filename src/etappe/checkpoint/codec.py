@@ -89,35 +89,73 @@ def encode(value: Any, where: str) -> tuple[Any, dict[str, torch.Tensor]]:
 
 
 def decode(tree: Any, tensors: Mapping[str, Any]) -> Any:
-    """Rebuild the value ``encode`` described; ``tensors`` maps names to tensors (or to stand-ins, for inspection)."""
+    """Rebuild the value ``encode`` described; ``tensors`` maps names to tensors (or to stand-ins, for inspection).
+
+    A tree that ``encode`` could not have made (an unknown tag, a field of the wrong type, a missing tensor, a
+    nesting too deep to rebuild) raises CheckpointError saying where in the tree it is."""
+    try:
+        return _decode(tree, tensors, ())
+    except RecursionError:
+        raise CheckpointError("malformed state: nested too deeply to rebuild") from None
+
+
+def _decode(tree: Any, tensors: Mapping[str, Any], path: tuple) -> Any:
     if isinstance(tree, list):
-        return [decode(x, tensors) for x in tree]
+        return [_decode(x, tensors, path + (i,)) for i, x in enumerate(tree)]
     if not isinstance(tree, dict):
         return tree
     tag = tree.get(TAG)
     if tag is None:
-        return {k: decode(v, tensors) for k, v in tree.items()}
+        return {k: _decode(v, tensors, path + (k,)) for k, v in tree.items()}
+
+    def bad(what: str) -> CheckpointError:
+        return CheckpointError(f"malformed state at {(_show(path) or 'the top')[:120]}: {what}")
+
+    def field(name: str, kind: type) -> Any:
+        value = tree.get(name)
+        if not isinstance(value, kind):
+            raise bad(f"a {str(tag)[:40]!r} needs {name!r} as a {kind.__name__}, found a {type(value).__name__}")
+        return value
+
     if tag == "tensor":
-        return tensors[tree["name"]]
+        name = field("name", str)
+        if name not in tensors:
+            raise bad(f"no tensor named {name[:80]!r}")
+        return tensors[name]
     if tag == "float":
-        return float(tree["value"])
+        value = field("value", str)
+        if value not in ("nan", "inf", "-inf"):
+            raise bad(f"float {value[:40]!r}")
+        return float(value)
     if tag == "tuple":
-        return tuple(decode(x, tensors) for x in tree["items"])
+        return tuple(_decode(x, tensors, path + (i,)) for i, x in enumerate(field("items", list)))
     if tag == "bytes":
-        return base64.b64decode(tree["base64"])
+        try:
+            return base64.b64decode(field("base64", str), validate=True)
+        except ValueError:  # binascii.Error
+            raise bad("bad base64") from None
     if tag == "ndarray":
-        t = decode(tree["tensor"], tensors)
+        t = _decode(field("tensor", dict), tensors, path)
         return t.numpy() if isinstance(t, torch.Tensor) else t
     if tag == "dict":
         if "fields" in tree:
-            out = {k: decode(v, tensors) for k, v in tree["fields"].items()}
+            out = {k: _decode(v, tensors, path + (k,)) for k, v in field("fields", dict).items()}
         else:
-            out = {decode(k, tensors): decode(v, tensors) for k, v in tree["items"]}
+            out = {}
+            for item in field("items", list):
+                if not (isinstance(item, list) and len(item) == 2):
+                    raise bad("a dict item is not a [key, value] pair")
+                key = _decode(item[0], tensors, path)
+                try:
+                    hash(key)
+                except TypeError:
+                    raise bad(f"a {type(key).__name__} as a dict key") from None
+                out[key] = _decode(item[1], tensors, path + (key,))
         if "metadata" in tree:
             out = OrderedDict(out)
-            out._metadata = decode(tree["metadata"], tensors)
+            out._metadata = _decode(tree["metadata"], tensors, path + ("_metadata",))
         return out
-    raise ValueError(f"unknown {TAG} {tag!r}")
+    raise bad(f"unknown {TAG} {str(tag)[:40]!r}")
 
 
 def _unsavable(t: torch.Tensor) -> str | None:

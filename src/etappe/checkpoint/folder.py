@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from etappe.checkpoint import codec, fsio, kinds, legacy, manifest, sharded, tensorfile
-from etappe.checkpoint.errors import CheckpointError
+from etappe.checkpoint.errors import CheckpointError, NewerFormatError
 from etappe.errors import UsageError
 
 STATE = "state.json"
@@ -52,17 +52,16 @@ def load(path: str | os.PathLike, /, *, trusted: bool = False, **objects: Any) -
     return restore(path, read(path), objects)
 
 
-def verify(path: str | os.PathLike) -> None:
-    """Check every file of checkpoint ``path`` against its manifest; raise CheckpointError naming the bad file.
+def verify(path: str | os.PathLike, *, step: int | None = None) -> None:
+    """Check every file of checkpoint ``path`` against its manifest, and that its state and tensor headers parse;
+    raise CheckpointError naming the bad file. ``step``: the manifest must say this step (``manifest.read``).
 
     A plain torch.save file is checked against the CRC-32s its zip archive holds.
     """
     path = Path(path)
     if path.is_file():
         return legacy.verify(path)
-    body = manifest.read(path)
-    for name, entry in body["files"].items():
-        manifest.verify_file(path, name, entry)
+    read(path, step=step)  # the pass over every byte that the checksums need, and the parse a load would do
 
 
 def write(path: Path, objects: Mapping[str, Any], meta: Mapping[str, Any] | None = None) -> Path:
@@ -75,10 +74,13 @@ def write_encoded(path: Path, encoded: Mapping[str, tuple[dict, dict]], meta: Ma
     """``write`` of objects already turned into ``encode``'s records and tensors (by the store's async save).
     ``shards(folder)``, if given, writes sharded entries into ``folder`` first (``sharded.write``) and returns
     their records and files."""
+    fsio.refuse_link(path, "save to")
     old_files = None
-    if (path / manifest.MANIFEST).exists():
+    if (path / manifest.MANIFEST).exists() or (path / manifest.MANIFEST).is_symlink():
         try:
             old_files = set(manifest.read(path)["files"])
+        except NewerFormatError:
+            raise  # a valid checkpoint this etappe cannot read: overwriting it would destroy it
         except CheckpointError:
             old_files = set()  # a corrupt checkpoint holds nothing worth keeping: overwrite it like strays
     elif path.exists() and not _empty_dir(path):
@@ -97,21 +99,57 @@ def write_encoded(path: Path, encoded: Mapping[str, tuple[dict, dict]], meta: Ma
     return path
 
 
-def read(path: Path) -> dict[str, Any]:
-    """Read every file of checkpoint ``path`` once, verifying sizes and checksums; return {entry: value}."""
-    body = manifest.read(path)
+def read(path: Path, *, step: int | None = None) -> dict[str, Any]:
+    """Read every file of checkpoint ``path`` once, verifying sizes and checksums; return {entry: value}.
+    ``step``: the manifest must say this step. Anything malformed raises CheckpointError."""
+    body = manifest.read(path, step=step)
     blobs = {name: manifest.read_verified(path, name, entry) for name, entry in body["files"].items()}
+    state_file = path / body["state"]
+    entries = state_entries(state_file, blobs[body["state"]], body["files"])
+    tensors = {name: tensorfile.parse(blobs[e["tensors"]], path / e["tensors"]) if "tensors" in e else {}
+               for name, e in entries.items()}
+    out = {}
+    for name, e in entries.items():
+        try:
+            out[name] = (sharded.Shards.of(path, e, body["files"]) if "shards" in e
+                         else codec.decode(e["data"], tensors[name]))
+        except CheckpointError as err:
+            raise CheckpointError(f"{state_file}: entry {name!r}: {err}") from None
+    return out
+
+
+def state_entries(state_file: Path, blob, files: Mapping[str, Any]) -> dict[str, dict]:
+    """state.json's entries (``blob``: its verified bytes; ``files``: the manifest's file list), each a record with
+    the fields ``read`` and inspection use, of the types they need; anything else raises CheckpointError."""
     try:
-        state = json.loads(bytes(blobs[body["state"]]))
-        tensors = {name: tensorfile.parse(blobs[e["tensors"]], path / e["tensors"]) if "tensors" in e else {}
-                   for name, e in state["entries"].items()}
-        return {name: sharded.Shards.of(path, e, body["files"]) if "shards" in e
-                else codec.decode(e["data"], tensors[name]) for name, e in state["entries"].items()}
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        state = json.loads(bytes(blob))
+    except (ValueError, RecursionError) as e:
         raise CheckpointError(
-            f"{path / body['state']}: malformed checkpoint state ({type(e).__name__}: {e}); "
+            f"{state_file}: malformed checkpoint state ({type(e).__name__}: {str(e)[:200]}); "
             "was it written by a newer etappe?"
         ) from None
+    entries = state.get("entries") if isinstance(state, dict) else None
+    if not isinstance(entries, dict):
+        raise CheckpointError(
+            f"{state_file}: malformed checkpoint state (no entries); was it written by a newer etappe?"
+        )
+    for name, e in entries.items():
+        if not (isinstance(e, dict) and isinstance(e.get("kind"), str) and ("data" in e or "shards" in e)):
+            raise CheckpointError(f"{state_file}: malformed checkpoint state: entry {name[:80]!r} is not a record")
+        if "tensors" in e and not (isinstance(e["tensors"], str) and e["tensors"] in files):
+            raise CheckpointError(
+                f"{state_file}: entry {name[:80]!r} names a tensor file {str(e['tensors'])[:80]!r} the manifest does "
+                "not list"
+            )
+        if "type" in e and not isinstance(e["type"], str):
+            raise CheckpointError(f"{state_file}: malformed checkpoint state: entry {name[:80]!r} has type "
+                                  f"{str(e['type'])[:80]!r}, not a class name")
+        parameters = e.get("parameters")
+        if parameters is not None and not (isinstance(parameters, int) and not isinstance(parameters, bool)
+                                           and parameters >= 0):
+            raise CheckpointError(f"{state_file}: malformed checkpoint state: entry {name[:80]!r} has "
+                                  f"{str(parameters)[:80]!r} parameters, not a whole number >= 0")
+    return entries
 
 
 def restore(path: Path, entries: Mapping[str, Any], objects: Mapping[str, Any]) -> dict[str, Any]:
@@ -211,18 +249,13 @@ def _write_files(folder: Path, encoded: dict, taken: set[str], written: dict[str
 
 def _write_new(path: Path, encoded: dict, meta: dict, shards) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fsio.sweep(path.parent, path.name)
-    tmp = fsio.temp_path(path)
-    try:
-        tmp.mkdir()
+    fsio.sweep(path.parent, path.name)  # leftovers of crashed saves of this name; saves in progress hold a lock
+    with fsio.temp_folder(path) as tmp:  # locked until committed; removed if anything fails
         records, files = shards(tmp) if shards is not None else ({}, {})
         state = _write_files(tmp, encoded, set(), files, records)
         manifest.write(tmp, files, state, meta)
         fsio.fsync_dir(tmp)
         fsio.replace(tmp, path)  # the commit
-    except BaseException:
-        fsio.remove_quietly(tmp)
-        raise
 
 
 def _overwrite(path: Path, encoded: dict, meta: dict, old_files: set[str], shards) -> None:

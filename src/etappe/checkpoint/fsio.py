@@ -1,7 +1,10 @@
-"""Durable file operations: the one atomic rename, fsync, temporary folders beside their final place.
+"""Durable file operations: the one atomic rename, fsync, temporary folders beside their final place, locks,
+and opening a checkpoint's files without following links.
 
-A temporary name is ``.tmp-<name>-<pid>-<random>``: readers ignore it, and ``sweep`` removes it once
-the process that made it is gone.
+A temporary name is ``.tmp-<name>-<pid>-<random>``: readers ignore it. A save holds an ``flock`` on its temporary
+folder while it writes, and ``sweep`` removes only temporary folders whose lock it can take: a lock, unlike a pid,
+is seen alike from every pid namespace (a container) that shares the file system, and is released however its
+process ends. A store's one writer holds a lock on the store's folder too (``lock_writer``).
 """
 
 import errno
@@ -10,12 +13,24 @@ import os
 import re
 import secrets
 import shutil
+import socket
+import stat
 import threading
-from collections.abc import Callable, Iterable
+import weakref
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
+from etappe.checkpoint.errors import CheckpointError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; there nothing is swept and one writer per folder is not enforced
+    fcntl = None
+
 _TEMP = re.compile(r"\.tmp-(?P<name>.*)-(?P<pid>\d+)-[0-9a-f]{8}")
+WRITER_LOCK = ".writer.lock"  # only where a folder itself cannot be locked (NFS): see ``lock_writer``
 
 
 def replace(src: Path, dst: Path) -> None:
@@ -38,14 +53,19 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-_MINE: set[str] = set()  # temporary names made by this process: in a container, a crashed run had our pid too
-
-
 def temp_path(final: Path) -> Path:
     """A fresh temporary name beside ``final`` that readers ignore and ``sweep`` recognizes."""
-    name = f".tmp-{final.name}-{os.getpid()}-{secrets.token_hex(4)}"
-    _MINE.add(name)
-    return final.parent / name
+    return final.parent / f".tmp-{final.name}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def refuse_link(path: Path, doing: str) -> None:
+    """Raise CheckpointError if ``path`` is a symbolic link: etappe never writes, overwrites or deletes through one,
+    so that nothing outside the run is touched."""
+    if path.is_symlink():
+        raise CheckpointError(
+            f"cannot {doing} {path}: it is a symbolic link (to {os.readlink(path)}), and etappe never writes or "
+            "deletes through links; remove the link or use another path"
+        )
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes | memoryview) -> None:
@@ -204,31 +224,67 @@ def _write_all(fd: int, data: memoryview) -> None:
         data = data[os.write(fd, data) :]
 
 
-def map_file(path: Path, size: int) -> mmap.mmap | bytes | bytearray:
-    """The bytes of a file of known ``size``, mapped copy-on-write rather than read: hashing them and viewing
-    them as tensors then costs no copy (writes to those tensors stay private to this process)."""
-    with open(path, "rb", buffering=0) as f:
-        found = os.fstat(f.fileno()).st_size
-        if found != size:
-            raise EOFError(f"{path}: {found} bytes, expected {size}")
-        if not size:
-            return b""
-        try:
-            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-        except OSError:  # a file system that cannot map files: read them
-            buf = bytearray(size)
-            view, done = memoryview(buf), 0
-            while done < size and (n := f.readinto(view[done:])):
-                done += n
-            if done != size:
-                raise EOFError(f"{path}: shorter than its {size} bytes while reading") from None
-            return buf
+def open_listed(folder: Path, name: str) -> int:
+    """A file descriptor for reading file ``name`` (``file`` or ``sub/file``) of checkpoint ``folder``.
+
+    No symbolic link inside ``folder`` is followed (a listed file that is a link to a file outside could hold the
+    right bytes), and nothing but a regular file is opened (a FIFO would block the reader for ever): both raise
+    CheckpointError. A missing file raises FileNotFoundError; other failures OSError.
+    """
+    parts = name.split("/")
+    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | (os.O_NONBLOCK if last else os.O_DIRECTORY)
+            try:
+                inner = os.open(part, flags, dir_fd=fd)
+            except OSError as e:
+                if e.errno in (errno.ELOOP, errno.ENOTDIR) and Path(folder, *parts[: i + 1]).is_symlink():
+                    raise CheckpointError(
+                        f"{Path(folder, *parts[: i + 1])}: a symbolic link; the files of a checkpoint are never "
+                        "read through links"
+                    ) from None
+                raise
+            os.close(fd)
+            fd = inner
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise CheckpointError(f"{folder / name}: not a regular file")
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def map_fd(fd: int, size: int, where: Path) -> mmap.mmap | bytes | bytearray:
+    """The bytes of open file ``fd`` of known ``size``, mapped copy-on-write rather than read: hashing them and
+    viewing them as tensors then costs no copy (writes to those tensors stay private to this process)."""
+    found = os.fstat(fd).st_size
+    if found != size:
+        raise EOFError(f"{where}: {found} bytes, expected {size}")
+    if not size:
+        return b""
+    try:
+        return mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
+    except OSError:  # a file system that cannot map files: read them
+        buf = bytearray(size)
+        view, done = memoryview(buf), 0
+        while done < size and (n := os.preadv(fd, [view[done:]], done)):
+            done += n
+        if done != size:
+            raise EOFError(f"{where}: shorter than its {size} bytes while reading") from None
+        return buf
 
 
 def remove_tree(path: Path) -> None:
-    """Delete a folder so that readers see it either whole or gone: rename it to a temporary name first."""
+    """Delete a folder so that readers see it either whole or gone: rename it to a temporary name first. A folder
+    already gone is fine (pruned meanwhile); a symbolic link is refused, never followed."""
+    refuse_link(path, "delete")
     doomed = temp_path(path)
-    replace(path, doomed)
+    try:
+        replace(path, doomed)
+    except FileNotFoundError:
+        return
     shutil.rmtree(doomed, ignore_errors=True)
 
 
@@ -243,33 +299,197 @@ def remove_quietly(path: Path) -> None:
             pass
 
 
-def sweep(folder: Path, name: str | None = None) -> list[Path]:
-    """Remove temporary entries in ``folder`` left by processes that no longer run (optionally only for ``name``)."""
-    removed = []
+# ------------------------------------------------------------------ locks
+
+
+class Lock:
+    """An ``flock`` held on an open folder or file, until ``release()``, garbage collection, or the end of the
+    process, however it ends. A forked child closes its copy at once (``_forget_in_child``), so a DataLoader
+    worker does not keep a run locked after its trainer died."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd: int | None = fd
+        _HELD.add(self)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            fd, self.fd = self.fd, None
+            _HELD.discard(self)
+            os.close(fd)
+
+    def __del__(self) -> None:
+        try:
+            self.release()
+        except Exception:  # noqa: BLE001 -- at interpreter exit; the process's end releases it anyway
+            pass
+
+
+_HELD: "weakref.WeakSet[Lock]" = weakref.WeakSet()
+
+
+def _forget_in_child() -> None:
+    # closing the child's copy leaves the parent's lock alone (flock belongs to the open file, shared by both)
+    for lock in list(_HELD):
+        if lock.fd is not None:
+            fd, lock.fd = lock.fd, None
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_in_child)
+
+
+def _try_lock(fd: int) -> bool | None:
+    """Take an exclusive flock on ``fd`` without waiting: True if taken, False if another holds it, None where the
+    file system cannot lock it (NFS cannot flock a folder, which opens read-only) or there is no flock."""
+    if fcntl is None:
+        return None
     try:
-        children = list(folder.iterdir())
-    except FileNotFoundError:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError:
+        return None
+    return True
+
+
+def _same(path: Path, fd: int) -> bool:
+    """Whether ``path`` still names the folder or file open as ``fd`` (not renamed or removed meanwhile)."""
+    try:
+        here, there = os.lstat(path), os.fstat(fd)
+    except OSError:
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
+
+
+@contextmanager
+def temp_folder(final: Path) -> Iterator[Path]:
+    """A new temporary folder beside ``final``, locked while the block runs (so ``sweep`` keeps it), and removed
+    after it unless the block committed it (renamed it into place; the lock goes with the folder)."""
+    for _ in range(100):
+        tmp = temp_path(final)
+        os.mkdir(tmp)
+        fd = os.open(tmp, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0))
+        # a sweep may have found the folder between mkdir and the lock: then it is being removed; take another
+        if _try_lock(fd) is not False and _same(tmp, fd):
+            break
+        os.close(fd)
+    else:
+        raise CheckpointError(f"cannot make a temporary folder beside {final}: each one vanished as it was made")
+    lock = Lock(fd)
+    try:
+        yield tmp
+    finally:
+        if _same(tmp, fd):  # not committed (renamed into place): nothing in it is of use
+            remove_quietly(tmp)
+        lock.release()
+
+
+def sweep(folder: Path, name: str | None = None, *, writer: bool = False) -> list[Path]:
+    """Remove the temporary folders in ``folder`` (only those for ``name``, if given) of saves that no longer run:
+    those whose lock nobody holds. Files and symbolic links are left alone.
+
+    ``writer``: the caller holds ``folder``'s writer lock, so a temporary folder whose lock this file system cannot
+    test (NFS) is a leftover of an earlier writer as well. Without it, such a folder is kept: never delete in doubt.
+    """
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
         return removed
-    for child in children:
-        m = _TEMP.fullmatch(child.name)
+    for entry in entries:
+        m = _TEMP.fullmatch(entry.name)
         if m is None or (name is not None and m["name"] != name):
             continue
-        pid = int(m["pid"])
-        in_use = (child.name in _MINE) if pid == os.getpid() else _alive(pid)
-        if in_use:
-            continue
-        remove_quietly(child)
-        removed.append(child)
+        try:
+            if not entry.is_dir(follow_symlinks=False):
+                continue
+            fd = os.open(entry.path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0))
+        except OSError:
+            continue  # gone meanwhile
+        try:
+            taken = _try_lock(fd)
+            if taken is False or (taken is None and not writer) or not _same(Path(entry.path), fd):
+                continue  # in progress; or cannot tell; or renamed meanwhile (committed)
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed.append(Path(entry.path))
+        finally:
+            os.close(fd)
     return removed
 
 
-def _alive(pid: int) -> bool:
+def lock_writer(folder: Path) -> Lock | None:
+    """Become ``folder``'s one writer: take an exclusive lock on it, held until the returned Lock is released (or
+    this process ends). Raises CheckpointError naming the holder if another process (or another store of this
+    one) has it. Returns None where no lock can be taken (no flock here); the folder is created if missing.
+
+    The lock is an flock on the folder itself, so no file is added to it; where the file system cannot lock a
+    folder (NFS), on a ``WRITER_LOCK`` file in it, which also records the holder.
+    """
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError as e:
+        raise CheckpointError(f"cannot save checkpoints in {folder}: {e.strerror} ({e.filename})") from None
+    taken = _try_lock(fd)
+    holder = None
+    if taken is None and fcntl is not None:  # a folder this file system cannot lock: a file in it
+        os.close(fd)
+        try:
+            fd = os.open(folder / WRITER_LOCK, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        except OSError as e:
+            raise CheckpointError(f"cannot save checkpoints in {folder}: {e.strerror} ({e.filename})") from None
+        taken = _try_lock(fd)
+        if taken is False:
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or None
+        elif taken:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+    if taken is None:
+        os.close(fd)
+        return None
+    if not taken:
+        ours = _held_here(fd)
+        os.close(fd)
+        if ours:
+            raise CheckpointError(
+                f"{folder} is being written by another CheckpointStore of this process (pid {os.getpid()}); "
+                "one writer per run folder: close() the other store first"
+            )
+        raise CheckpointError(
+            f"{folder} is being written by another process ({holder or _flock_holder(folder)}); one writer per run "
+            "folder: wait for it to end or stop it, or use another folder"
+        )
+    return Lock(fd)
+
+
+def _held_here(fd: int) -> bool:
+    st = os.fstat(fd)
+    for lock in list(_HELD):
+        try:
+            other = os.fstat(lock.fd) if lock.fd is not None else None
+        except OSError:
+            continue
+        if other is not None and (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino):
+            return True
+    return False
+
+
+def _flock_holder(folder: Path) -> str:
+    """'pid N on HOST' of the process holding an flock on ``folder``, from /proc/locks (Linux). A holder in another
+    pid namespace or on another host does not show there."""
+    try:
+        st = os.stat(folder)
+        key = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+        with open("/proc/locks") as f:
+            for line in f:
+                fields = line.replace("->", "").split()
+                if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == key and fields[4] != "0":
+                    return f"pid {fields[4]} on {socket.gethostname()}"
     except OSError:
-        return False
-    return True
+        pass
+    return "pid unknown: in another container or on another host"

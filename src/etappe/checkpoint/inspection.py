@@ -2,11 +2,13 @@
 model's parameter count, each optimizer's type, hyperparameters and state size, schedulers, counters, metrics.
 
 Works from headers and JSON alone for etappe checkpoints (no tensor data is read), and on plain torch.save
-and .safetensors files.
+and .safetensors files, read as ``legacy.read`` reads them: nothing in the file runs, and nothing in it is
+decompressed (see ``legacy.check_archive``).
 """
 
 import json
 import math
+import mmap
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -15,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from etappe.checkpoint import codec, kinds, legacy, manifest, sharded, tensorfile
+from etappe.checkpoint import codec, folder, kinds, legacy, manifest, sharded, tensorfile
 from etappe.checkpoint.errors import CheckpointError
 
 _BUFFERS = ("running_mean", "running_var", "num_batches_tracked")  # in a module state_dict, not parameters
@@ -28,21 +30,24 @@ _LONG = 16  # lists longer than this (an RNG state's 625 ints) are summarized
 
 
 def inspect(path: str | os.PathLike, *, trusted: bool = False) -> dict[str, Any]:
-    """A JSON-able description of checkpoint ``path`` (an etappe checkpoint folder or a plain file)."""
+    """A JSON-able description of checkpoint ``path`` (an etappe checkpoint folder or a plain file). Anything
+    malformed raises CheckpointError naming the file."""
     path = Path(path)
     if path.is_file():
         return _inspect_file(path, trusted)
     body = manifest.read(path)
     state_file = path / body["state"]
+    blob = manifest.read_verified(path, body["state"], body["files"][body["state"]])
     try:
-        entries = json.loads(bytes(manifest.read_verified(path, body["state"], body["files"][body["state"]])))["entries"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{state_file}: malformed checkpoint state ({type(e).__name__}: {e})") from None
+        entries = folder.state_entries(state_file, blob, body["files"])  # the schema load checks, in one place
+    finally:
+        if isinstance(blob, mmap.mmap):
+            blob.close()
     info: dict[str, Any] = {
         "path": str(path),
         "format": "etappe checkpoint",
         **{k: body[k] for k in ("format_version", "etappe_version", "torch_version", "created", "step") if k in body},
-        "metrics": _plain(codec.decode(body.get("metrics", {}), {})),
+        "metrics": _plain(codec.decode(body.get("metrics", {}), {})),  # numbers: manifest.read checked them
         "files": [{"name": n, "bytes": f["size"]} for n, f in body["files"].items()],
         "entries": [],
     }
@@ -53,14 +58,14 @@ def inspect(path: str | os.PathLike, *, trusted: bool = False) -> dict[str, Any]
             try:
                 if file.stat().st_size != body["files"][e["tensors"]]["size"]:
                     raise CheckpointError(f"{file}: size differs from the manifest's; run verify for details")
-                tensors = tensorfile.infos(file)
             except OSError as err:
                 raise CheckpointError(f"{file}: cannot read: {err.strerror}") from None
+            tensors = tensorfile.infos(file)  # the header alone, checked as a load checks it
         try:
             value = _sharded_value(path, e, body["files"]) if "shards" in e else codec.decode(e["data"], tensors)
-        except (ValueError, KeyError, TypeError) as err:
-            raise CheckpointError(f"{state_file}: malformed entry {name!r} ({type(err).__name__}: {err})") from None
-        info["entries"].append(_describe(name, e["kind"], e.get("type"), value, e.get("parameters")))
+            info["entries"].append(_describe(name, e["kind"], e.get("type"), value, e.get("parameters")))
+        except CheckpointError as err:
+            raise CheckpointError(f"{state_file}: entry {name[:80]!r}: {err}") from None
     return info
 
 
@@ -92,41 +97,73 @@ def format_inspection(info: Mapping[str, Any]) -> str:
 
 
 def _inspect_file(path: Path, trusted: bool) -> dict[str, Any]:
-    fmt = "safetensors" if path.suffix == ".safetensors" else "torch.save"
+    # legacy.read decides what the file is from its content, checks a zip archive's members before reading any,
+    # refuses TorchScript unless trusted and .pt2 programs always, and checks sparse tensors
+    content = legacy.read(path, trusted=trusted)
+    with open(path, "rb") as f:
+        head = f.read(9)
+    fmt = "safetensors" if legacy.is_safetensors(head, path.stat().st_size) else "torch.save"
     info: dict[str, Any] = {"path": str(path), "format": fmt, "bytes": path.stat().st_size, "entries": []}
-    for name, value in legacy.entries(legacy.read(path, trusted=trusted)).items():
+    for name, value in legacy.entries(content).items():
         typ = None
         if kinds.is_stateful(value):  # a whole pickled object, from a trusted file
             typ, value = kinds.type_name(value), value.state_dict()
-        info["entries"].append(_describe(name, kinds.of_state(value), typ, value, None))
+        try:
+            info["entries"].append(_describe(name, kinds.of_state(value), typ, value, None))
+        except CheckpointError as err:
+            raise CheckpointError(f"{path}: entry {str(name)[:80]!r}: {err}") from None
     return info
 
 
 def _describe(name: str, kind: str, typ: str | None, value: Any, parameters: int | None) -> dict[str, Any]:
+    """An entry's description; a state not of the shape its kind has raises CheckpointError."""
     out: dict[str, Any] = {"name": name, "kind": kind}
     if typ:
         out["type"] = typ
-    if kind == kinds.MODULE and isinstance(value, Mapping):
-        listed = [{"name": k, **_tensor(t)} for k, t in value.items() if _is_tensor(t)]
-        unique = {id(t): t for t in value.values() if _is_tensor(t)}
-        out["parameters"] = parameters if parameters is not None else _count_parameters(value)
-        out["bytes"] = sum(_tensor(t)["bytes"] for t in unique.values())
-        out["tensors"] = listed
-    elif kind == kinds.OPTIMIZER and isinstance(value, Mapping):
-        groups = value.get("param_groups", [])
-        if not typ:
-            out["type"] = _guess_optimizer(groups)
-        out["param_groups"] = [
-            {**{k: _plain(v) for k, v in g.items() if k != "params"}, "params": len(g.get("params", []))} for g in groups
-        ]
-        tensors = _tensors_in(value.get("state", {}))
-        size = sum(_tensor(t)["bytes"] for t in tensors)
-        out["state"] = {"params": len(value.get("state", {})), "tensors": len(tensors), "bytes": size}
-    elif kind == kinds.VALUE:
-        out["value"] = _plain(value)
-    else:
-        out["state"] = _plain(value)
+    try:
+        if kind == kinds.MODULE:
+            if not (isinstance(value, Mapping) and all(isinstance(k, str) for k in value)):
+                raise CheckpointError(f"a model's state is {_a(value)}, not a state_dict of named tensors")
+            listed = [{"name": k, **_tensor(t)} for k, t in value.items() if _is_tensor(t)]
+            unique = {id(t): t for t in value.values() if _is_tensor(t)}
+            out["parameters"] = parameters if parameters is not None else _count_parameters(value)
+            out["bytes"] = sum(_tensor(t)["bytes"] for t in unique.values())
+            out["tensors"] = listed
+        elif kind == kinds.OPTIMIZER:
+            groups, state = _optimizer_parts(value)
+            if not typ:
+                out["type"] = _guess_optimizer(groups)
+            out["param_groups"] = [
+                {**{str(k): _plain(v) for k, v in g.items() if k != "params"}, "params": len(g.get("params", []))}
+                for g in groups
+            ]
+            tensors = _tensors_in(state)
+            size = sum(_tensor(t)["bytes"] for t in tensors)
+            out["state"] = {"params": len(state), "tensors": len(tensors), "bytes": size}
+        elif kind == kinds.VALUE:
+            out["value"] = _plain(value)
+        else:
+            out["state"] = _plain(value)
+    except RecursionError:
+        raise CheckpointError("nested too deeply to describe") from None
     return out
+
+
+def _optimizer_parts(value: Any) -> tuple[list[Mapping], Mapping]:
+    """An optimizer state_dict's param groups and per-parameter state, of the types torch gives them."""
+    if not isinstance(value, Mapping):
+        raise CheckpointError(f"an optimizer's state is {_a(value)}, not a state_dict")
+    groups, state = value.get("param_groups", []), value.get("state", {})
+    if not (isinstance(groups, (list, tuple)) and all(
+            isinstance(g, Mapping) and isinstance(g.get("params", []), (list, tuple)) for g in groups)):
+        raise CheckpointError("an optimizer's param_groups are not a list of groups, each with a list of params")
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"an optimizer's state is {_a(state)}, not a mapping of parameters to their state")
+    return list(groups), state
+
+
+def _a(value: Any) -> str:
+    return "None" if value is None else f"a {type(value).__name__}"
 
 
 def _format_entry(e: Mapping[str, Any]) -> list[str]:
@@ -217,9 +254,9 @@ def _plain(v: Any) -> Any:
 
 
 def _short(v: Any) -> str:
-    if isinstance(v, Mapping) and set(v) == {"tensor"}:
-        t = v["tensor"]
-        return f"tensor {t['shape']} {t['dtype']} {_size(t['bytes'])}"
+    t = v.get("tensor") if isinstance(v, Mapping) and len(v) == 1 else None
+    if isinstance(t, Mapping) and set(t) == {"shape", "dtype", "bytes"} and type(t["bytes"]) is int:
+        return f"tensor {t['shape']} {t['dtype']} {_size(t['bytes'])}"  # _plain's tensor (or a value just like it)
     text = json.dumps(v) if not isinstance(v, str) else v
     return text if len(text) <= 200 else text[:197] + "..."
 

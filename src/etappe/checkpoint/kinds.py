@@ -54,6 +54,6 @@ def load_into(obj: Any, state: Any, where: str) -> None:
     """``obj.load_state_dict(state)``, with torch's complaint (a missing key, a shape) as one clear line."""
     try:
         obj.load_state_dict(state)
-    except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as e:
+    except (RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError) as e:  # a malformed state
         said = " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
         raise CheckpointError(f"cannot restore {where} into {type(obj).__name__}: {said}") from e

@@ -2,10 +2,17 @@
 
 Opened with ``torch.load(weights_only=True)``, which builds only tensors and plain containers. A file that
 needs full unpickling (a whole pickled model or optimizer) is refused unless the caller passes trusted=True.
+
+What a file is, is read from its content, never from its name: a zip archive's members are checked before
+anything in it is read (torch writes its archives uncompressed, so a compressed member, or one declaring more
+bytes than the file holds, is a bomb or damage, refused unread); a TorchScript archive is a program and is
+refused unless trusted; a ``.pt2`` is not a checkpoint. Every sparse tensor that comes out is checked against
+its invariants, because densifying one with out-of-range indices reads and writes out of bounds.
 """
 
 import pickle
 import re
+import struct
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -30,15 +37,113 @@ _ALIASES = {
 BARE = "model"  # the name a bare state_dict (a file holding just one model's weights) answers to
 
 
+_METHODS = {zipfile.ZIP_DEFLATED: "deflate", zipfile.ZIP_BZIP2: "bzip2", zipfile.ZIP_LZMA: "lzma"}
+
+
+def is_safetensors(head: bytes, size: int) -> bool:
+    """Whether a file starting with ``head`` (at least 9 bytes) and ``size`` bytes long has a safetensors header:
+    its length as a little-endian u64 that fits in the file, then a JSON object."""
+    if len(head) < 9:
+        return False
+    (length,) = struct.unpack("<Q", head[:8])
+    return 2 <= length <= size - 8 and head[8:9] == b"{"
+
+
+# TorchScript deflates the Python source it keeps under code/; everything else torch writes is stored as it is.
+_MAX_CODE_BYTES = 256 * 2**20  # the most a TorchScript archive's code/ members may expand to, together
+_MAX_DEFLATE_RATIO = 1032  # deflate packs at most 258 bytes into 2 bits
+
+
+def check_archive(path: Path, what: str = "torch.save file") -> list[zipfile.ZipInfo]:
+    """The members of zip archive ``path``, checked before anything in it is decompressed or read. torch.save,
+    TorchScript and torch.export write their archives uncompressed (stored), but for TorchScript's source under
+    code/, deflated; a few MB of deflate or bzip2 can expand to many GB, so any other compressed member, a
+    member declaring more bytes than the file holds, or code/ expanding past 256 MB, is refused."""
+    try:
+        size = path.stat().st_size
+        with zipfile.ZipFile(path) as z:
+            infos = z.infolist()
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, struct.error) as e:
+        raise CheckpointError(f"{path}: not a readable {what}: not a valid zip archive ({_first_line(e)}); the "
+                              "file is truncated or damaged") from None
+    stored = code = 0
+    for info in infos:
+        is_code = info.filename.split("/", 1)[-1].startswith("code/")
+        if info.compress_type != zipfile.ZIP_STORED and not (is_code and info.compress_type == zipfile.ZIP_DEFLATED):
+            method = _METHODS.get(info.compress_type, f"method {info.compress_type}")
+            raise CheckpointError(
+                f"{path}: member {info.filename} is compressed ({method}); torch writes its archives uncompressed, "
+                "so this file was not written by torch.save, TorchScript or torch.export, and it is refused unread"
+            )
+        if info.header_offset + info.compress_size > size or (
+            info.file_size > _MAX_DEFLATE_RATIO * info.compress_size + 1024
+            if info.compress_type == zipfile.ZIP_DEFLATED else info.file_size != info.compress_size
+        ):
+            raise CheckpointError(f"{path}: member {info.filename} declares {info.file_size} bytes, more than the "
+                                  f"file of {size} bytes can hold; the archive is damaged or crafted")
+        stored += info.compress_size
+        code += info.file_size if info.compress_type == zipfile.ZIP_DEFLATED else 0
+    if stored > size:
+        raise CheckpointError(f"{path}: its members declare {stored} bytes in all, more than the file's {size} "
+                              "(overlapping members); the archive is damaged or crafted")
+    if code > _MAX_CODE_BYTES:
+        raise CheckpointError(f"{path}: its code/ members expand to {code} bytes, more than the "
+                              f"{_MAX_CODE_BYTES} a TorchScript archive's source takes; refused unread")
+    return infos
+
+
+def archive_kind(infos: list[zipfile.ZipInfo]) -> str | None:
+    """What torch wrote a checked archive as: 'torchscript', 'export' (.pt2) or 'torch.save'; None if none.
+    torch puts every member under one top folder; TorchScript adds code/ and constants.pkl, .pt2 archive_format."""
+    names = [i.filename for i in infos]
+    roots = {n.split("/", 1)[0] for n in names}
+    if len(roots) != 1 or not all("/" in n for n in names):
+        return None
+    inner = {n.split("/", 1)[1] for n in names}
+    if "constants.pkl" in inner and any(n.startswith("code/") for n in inner):
+        return "torchscript"
+    if "archive_format" in inner:
+        return "export"
+    if "data.pkl" in inner:
+        return "torch.save"
+    return None
+
+
+def read_archive_member(path: Path, infos: list[zipfile.ZipInfo], inner: str, limit: int = 64) -> bytes | None:
+    """The bytes of member ``<root>/inner`` of a checked archive, if it is there and at most ``limit`` bytes."""
+    for info in infos:
+        if info.filename.split("/", 1)[-1] == inner and info.file_size <= limit:
+            with zipfile.ZipFile(path) as z:
+                return z.read(info)
+    return None
+
+
 def read(path: Path, *, trusted: bool = False) -> Any:
     """The object stored in ``path``, opened without running code from the file unless ``trusted``."""
-    if path.suffix == ".safetensors":
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read: {e.strerror}") from None
+    if is_safetensors(head, size) or (path.suffix == ".safetensors" and not head.startswith(b"PK")):
         try:
             return safetensors.torch.load_file(path)
         except Exception as e:  # safetensors raises its own SafetensorError for any malformed file
             raise CheckpointError(f"{path}: not a readable safetensors file: {_first_line(e)}") from None
+    if head.startswith(b"PK"):
+        kind = archive_kind(check_archive(path))
+        if kind == "torchscript" and not trusted:
+            raise CheckpointError(
+                f"{path}: a TorchScript archive, which is a program: loading it runs code the file holds. If you "
+                "trust where it came from, pass trusted=True (CLI: --trust); etappe.export.load_model loads it as "
+                "a model"
+            )
+        if kind == "export":
+            raise CheckpointError(f"{path}: a torch.export program (.pt2), not a checkpoint or state dict; "
+                                  "load it as a model with etappe.export.load_model (trusted=True, CLI: --trust)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=not trusted)
+        return check_sparse(path, torch.load(path, map_location="cpu", weights_only=not trusted))
     except pickle.UnpicklingError as e:
         culprit = re.search(r"GLOBAL (\S+)", str(e))
         if trusted or not (culprit or re.search(r"Unsupported (global|class)", str(e))):
@@ -51,8 +156,48 @@ def read(path: Path, *, trusted: bool = False) -> Any:
             "If you trust where it came from, load it with trusted=True (CLI: --trust); "
             "better, re-save its state_dict()s, which open safely."
         ) from None
-    except (RuntimeError, EOFError, OSError, KeyError, ValueError, AttributeError, ImportError) as e:
+    except (RuntimeError, EOFError, OSError, KeyError, ValueError, AttributeError, ImportError, IndexError,
+            TypeError, struct.error, MemoryError, RecursionError, zipfile.BadZipFile) as e:
         raise CheckpointError(f"{path}: not a readable torch.save file: {_first_line(e)}") from None
+
+
+def check_sparse(path: Path, obj: Any) -> Any:
+    """``obj``, after checking every sparse tensor in it (in containers, at any depth) against its invariants:
+    indices in range, compressed indices ordered. Densifying one that breaks them reads and writes out of bounds."""
+    stack, seen = [obj], set()
+    while stack:
+        x = stack.pop()
+        if id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, torch.Tensor):
+            if x.layout != torch.strided:
+                _check_sparse_tensor(path, x)
+        elif isinstance(x, Mapping):
+            stack += list(x.keys()) + list(x.values())
+        elif isinstance(x, (list, tuple, set, frozenset)):
+            stack += list(x)
+    return obj
+
+
+def _check_sparse_tensor(path: Path, t: torch.Tensor) -> None:
+    layout = str(t.layout).removeprefix("torch.")
+    try:
+        if t.layout == torch.sparse_coo:
+            torch.sparse_coo_tensor(t._indices(), t._values(), t.size(), check_invariants=True)
+        elif t.layout in (torch.sparse_csr, torch.sparse_bsr):
+            torch.sparse_compressed_tensor(t.crow_indices(), t.col_indices(), t.values(), t.size(), layout=t.layout,
+                                           check_invariants=True)
+        elif t.layout in (torch.sparse_csc, torch.sparse_bsc):
+            torch.sparse_compressed_tensor(t.ccol_indices(), t.row_indices(), t.values(), t.size(), layout=t.layout,
+                                           check_invariants=True)
+        else:
+            raise CheckpointError(f"{path}: holds a tensor of layout {layout}, which etappe cannot check; refused")
+    except (RuntimeError, ValueError, TypeError, IndexError) as e:
+        raise CheckpointError(
+            f"{path}: holds a sparse {layout} tensor whose indices are invalid ({_first_line(e)}); using it would "
+            "read and write out of bounds, so the file is refused"
+        ) from None
 
 
 def entries(obj: Any) -> dict[str, Any]:
@@ -95,6 +240,7 @@ def verify(path: Path) -> None:
         return
     if not zipfile.is_zipfile(path):
         raise CheckpointError(f"{path}: not a zip-format torch.save file, so it holds no checksums to verify")
+    check_archive(path)  # before testzip decompresses anything
     try:
         with zipfile.ZipFile(path) as z:
             bad = z.testzip()

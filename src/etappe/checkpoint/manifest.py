@@ -6,6 +6,8 @@ byte anywhere in it, a step or a metric included, is caught like one in a data f
 
 import json
 import mmap
+import os
+import re
 import time
 from importlib import metadata
 from pathlib import Path
@@ -15,7 +17,7 @@ import torch
 import xxhash
 
 from etappe.checkpoint import fsio
-from etappe.checkpoint.errors import CheckpointError
+from etappe.checkpoint.errors import CheckpointError, NewerFormatError
 
 MANIFEST = "manifest.json"
 FORMAT = "etappe-checkpoint"
@@ -24,6 +26,10 @@ CHECKSUM = "xxh3_128"  # ~20 GB/s in memory; crc32 ~4 GB/s, sha256 ~1.8 GB/s on 
 _SELF = b'"manifest_checksum": "'
 _DIGITS = 32
 SHARDS = "shards-"  # the prefix of the subfolder DCP writes sharded state into (see sharded.py)
+MAX_BYTES = 16 << 20  # a manifest lists files: ~100 bytes each, so this is 160,000 of them; larger is not one
+_NAME = re.compile(r"[A-Za-z0-9_.-]{1,255}")  # what etappe and DCP name files; no NUL, no separator, fits any fs
+_HEX = re.compile(r"[0-9a-f]{32}")
+_TAG = "$type"  # codec.TAG: how a metric that is not a finite float is written (nan, inf)
 
 
 def new_hasher():
@@ -58,13 +64,18 @@ def write(folder: Path, files: dict[str, tuple[int, str]], state: str, meta: dic
     return path
 
 
-def read(folder: Path) -> dict[str, Any]:
-    """Read and self-check the manifest of checkpoint ``folder``; raise CheckpointError naming what is wrong."""
+def read(folder: Path, *, step: int | None = None) -> dict[str, Any]:
+    """Read, self-check and validate the manifest of checkpoint ``folder``; raise CheckpointError naming what is
+    wrong, or NewerFormatError for a valid manifest of a newer format. ``step``: the manifest must say this step
+    (a store's folder ``step-N`` must hold step N, or two folders swapped between names would load as each other).
+
+    Every field etappe reads is checked for its type here, so a reader of the result meets no surprise.
+    """
     path = folder / MANIFEST
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: no such checkpoint folder")
     try:
-        data = bytearray(path.read_bytes())
+        fd = fsio.open_listed(folder, MANIFEST)
     except FileNotFoundError:
         raise CheckpointError(
             f"{path}: missing, so {folder} is not a committed checkpoint "
@@ -72,6 +83,21 @@ def read(folder: Path) -> dict[str, Any]:
         ) from None
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read: {e.strerror}") from None
+    try:
+        size = os.fstat(fd).st_size
+        if size > MAX_BYTES:
+            raise CheckpointError(
+                f"{path}: {size} bytes, more than a manifest holds (at most {MAX_BYTES}); the file is corrupt"
+            )
+        data = bytearray(size)
+        done = 0
+        while done < size and (n := os.preadv(fd, [memoryview(data)[done:]], done)):
+            done += n
+        del data[done:]
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read: {e.strerror}") from None
+    finally:
+        os.close(fd)
     at = data.rfind(_SELF)
     if at < 0:
         raise CheckpointError(f"{path}: no manifest_checksum field (truncated or not an etappe manifest)")
@@ -85,35 +111,106 @@ def read(folder: Path) -> dict[str, Any]:
         )
     try:
         body = json.loads(bytes(data))
-        ok = body.get("format") == FORMAT and isinstance(body.get("format_version"), int)
-    except (ValueError, AttributeError):
-        ok = False
-    if not ok:
+    except (ValueError, RecursionError):
+        body = None
+    if not (isinstance(body, dict) and body.get("format") == FORMAT and _whole(body.get("format_version"))):
         raise CheckpointError(f"{path}: not an etappe checkpoint manifest")
     if body["format_version"] > FORMAT_VERSION:
-        raise CheckpointError(
-            f"{path}: written in checkpoint format {body['format_version']} by etappe {body.get('etappe_version')}; "
-            f"this etappe reads format {FORMAT_VERSION}: upgrade etappe"
+        raise NewerFormatError(
+            f"{path}: written by a newer etappe ({_text(body.get('etappe_version'))}), checkpoint format "
+            f"{body['format_version']}; this etappe reads format {FORMAT_VERSION}: upgrade etappe"
         )
+    problem = _schema_problem(body)
+    if problem:
+        raise CheckpointError(f"{path}: malformed manifest: {problem}; the file is corrupt or was forged")
+    if step is not None and body.get("step") != step:
+        said = f"step {body['step']}" if "step" in body else "no step"
+        raise CheckpointError(
+            f"{path}: the manifest says {said}, but its folder {folder.name} is for step {step} "
+            "(a renamed or swapped checkpoint); not used"
+        )
+    return body
+
+
+def _schema_problem(body: dict[str, Any]) -> str | None:
+    """What is wrong with a parsed manifest of this format, or None. Unknown fields are allowed (and ignored)."""
+    if body["format_version"] < 1:
+        return f"format_version {body['format_version']}"
+    for key in ("etappe_version", "torch_version", "created"):
+        if key in body and not isinstance(body[key], str):
+            return f"{key} is a {type(body[key]).__name__}, not a string"
+    if body.get("checksum") != CHECKSUM:
+        return f"checksum kind {_text(body.get('checksum'))}, expected {CHECKSUM!r}"
+    if "step" in body and not (_whole(body["step"]) and body["step"] >= 0):
+        return f"step {_text(body['step'])}, expected a whole number >= 0"
+    if "metrics" in body:
+        metrics = body["metrics"]
+        if not isinstance(metrics, dict):
+            return f"metrics is a {type(metrics).__name__}, not an object"
+        for name, value in metrics.items():
+            if metric_value(value) is None:
+                return f"metric {name[:80]!r} is {_text(value)}, not a number"
     files = body.get("files")
-    if not isinstance(files, dict) or body.get("state") not in files:
-        raise CheckpointError(f"{path}: malformed manifest (no file list, or the state file is not in it)")
+    if not isinstance(files, dict) or not files:
+        return "no file list"
     for name, entry in files.items():
         if not _plain_name(name):
-            raise CheckpointError(f"{path}: lists a file {name!r} outside the checkpoint folder")
-        if not (isinstance(entry, dict) and isinstance(entry.get("size"), int) and isinstance(entry.get("checksum"), str)):
-            raise CheckpointError(f"{path}: malformed entry for {name!r} (needs size and checksum)")
-    return body
+            return f"a file named {_text(name)}, which is not a plain name inside the checkpoint folder"
+        if not (isinstance(entry, dict) and _whole(entry.get("size")) and entry["size"] >= 0
+                and isinstance(entry.get("checksum"), str) and _HEX.fullmatch(entry["checksum"])):
+            return f"the entry for {name!r} needs a size (a whole number >= 0) and a {CHECKSUM} checksum"
+    state = body.get("state")
+    if not isinstance(state, str) or state not in files or "/" in state:
+        return f"the state file {_text(state)} is not one of its files"
+    return None
+
+
+def metric_value(value: Any) -> float | None:
+    """A metric as the manifest holds it (a number, or ``{"$type": "float", "value": "nan"}`` for a non-finite
+    one) as a float; None if it is not one."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, dict) and value.keys() == {_TAG, "value"} and value[_TAG] == "float":
+        if value["value"] in ("nan", "inf", "-inf"):
+            return float(value["value"])
+    return None
+
+
+def metrics_of(body: dict[str, Any]) -> dict[str, float]:
+    """The metrics of a manifest ``read`` returned, as floats."""
+    return {name: metric_value(value) for name, value in body.get("metrics", {}).items()}
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _text(value: Any) -> str:
+    """A value from a file, shown short and on one line."""
+    shown = repr(value)
+    return shown if len(shown) <= 80 else shown[:77] + "..."
 
 
 def read_verified(folder: Path, name: str, entry: dict[str, Any]) -> mmap.mmap | bytes | bytearray:
     """A listed file's bytes, checked against its size and checksum (the one pass over them before use)."""
     path = folder / name
-    size = _checked_size(path, entry)
+    expected = entry["size"]
     try:
-        data = fsio.map_file(path, size)
+        fd = fsio.open_listed(folder, name)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing (the manifest lists it with {expected} bytes)") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from None
+    try:
+        found = os.fstat(fd).st_size
+        if found != expected:
+            hint = "truncated" if found < expected else "has extra bytes"
+            raise CheckpointError(f"{path}: {found} bytes, the manifest says {expected} ({hint}); the file is corrupt")
+        data = fsio.map_fd(fd, expected, path)
     except (OSError, EOFError) as e:
         raise CheckpointError(f"{path}: cannot read: {getattr(e, 'strerror', None) or e}") from None
+    finally:
+        os.close(fd)
     _check_digest(path, entry, checksum(data))
     return data
 
@@ -125,18 +222,6 @@ def verify_file(folder: Path, name: str, entry: dict[str, Any]) -> None:
         data.close()
 
 
-def _checked_size(path: Path, entry: dict[str, Any]) -> int:
-    expected = entry["size"]
-    try:
-        found = path.stat().st_size
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing (the manifest lists it with {expected} bytes)") from None
-    if found != expected:
-        hint = "truncated" if found < expected else "has extra bytes"
-        raise CheckpointError(f"{path}: {found} bytes, the manifest says {expected} ({hint}); the file is corrupt")
-    return found
-
-
 def _check_digest(path: Path, entry: dict[str, Any], found: str) -> None:
     if found != entry["checksum"]:
         raise CheckpointError(
@@ -144,8 +229,10 @@ def _check_digest(path: Path, entry: dict[str, Any], found: str) -> None:
         )
 
 
-def _plain_name(name: str) -> bool:
+def _plain_name(name: Any) -> bool:
     """A file directly in the checkpoint folder, or in its one subfolder of shards (``shards-<hex>/<file>``)."""
+    if not isinstance(name, str):
+        return False
     folder, _, file = name.rpartition("/")
     if folder and not (folder.startswith(SHARDS) and _simple(folder)):
         return False
@@ -153,7 +240,7 @@ def _plain_name(name: str) -> bool:
 
 
 def _simple(name: str) -> bool:
-    return bool(name) and "/" not in name and "\\" not in name and name not in (".", "..")
+    return bool(_NAME.fullmatch(name)) and name not in (".", "..")
 
 
 def _etappe_version() -> str:

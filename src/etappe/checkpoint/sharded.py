@@ -9,7 +9,8 @@ ranks, or into a plain model in one process.
 DCP keeps its metadata as a pickle, and small values (an optimizer's param groups) as ``torch.save`` blobs that
 its load planners unpickle fully. Here the metadata is read by an unpickler that only builds DCP's own metadata
 classes (and torch.Size, dtypes, layouts, paths) and never sets state on a class; the values by planners that use
-``torch.load(weights_only=True)``; and only files the manifest lists are read. Anything else is refused, never run.
+``torch.load(weights_only=True)``, with every sparse tensor checked against its invariants as ``legacy.read``
+checks them; and only files the manifest lists are read. Anything else is refused, never run.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Any
 
 import torch
 
-from etappe.checkpoint import fsio, kinds, manifest
+from etappe.checkpoint import fsio, kinds, legacy, manifest
 from etappe.checkpoint.errors import CheckpointError
 from etappe.errors import UsageError
 
@@ -244,7 +245,7 @@ def restore(path: Path, entries: Mapping[str, Any], objects: Mapping[str, Any]) 
             with warnings.catch_warnings():  # one process alone is what we mean; DCP warns about it
                 warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
                 dcp.load({keys[n]: s for n, s in state.items()}, storage_reader=entries[module_name].reader(),
-                         planner=_classes().planner())
+                         planner=_classes().planner(where=entries[module_name].directory))
         except _failures() as e:
             raise _dcp_error(e, f"cannot restore {path} entry {module_name!r} from its shards") from None
         if optimizers:
@@ -297,8 +298,8 @@ def materialize(shards: Shards) -> Any:
     key = shards.record["key"]
     # What torch.distributed.checkpoint.format_utils.dcp_to_torch_save does: build the state from the metadata.
     try:
-        _load_state_dict(state, storage_reader=shards.reader(), planner=_classes().empty_planner(keys={key}),
-                         no_dist=True)
+        _load_state_dict(state, storage_reader=shards.reader(),
+                         planner=_classes().empty_planner(keys={key}, where=shards.directory), no_dist=True)
     except _failures() as e:
         raise _dcp_error(e, f"cannot read the shards in {shards.directory}") from None
     return state[key]
@@ -309,11 +310,18 @@ def tensor_infos(shards: Shards) -> dict[str, tuple[tuple[int, ...], str, int]]:
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     key = shards.record["key"] + "."
+    listed = getattr(shards.reader().read_metadata(), "state_dict_metadata", None)
+    if not isinstance(listed, Mapping):
+        raise CheckpointError(f"{shards.directory / '.metadata'}: DCP metadata without a list of its values")
     out = {}
-    for name, md in shards.reader().read_metadata().state_dict_metadata.items():
-        if name.startswith(key) and isinstance(md, TensorStorageMetadata):
-            dtype = md.properties.dtype
-            out[name.removeprefix(key)] = (tuple(md.size), str(dtype).removeprefix("torch."), math.prod(md.size) * dtype.itemsize)
+    for name, md in listed.items():
+        if isinstance(name, str) and name.startswith(key) and isinstance(md, TensorStorageMetadata):
+            size, dtype = md.size, getattr(md.properties, "dtype", None)
+            if not (isinstance(size, tuple) and all(type(d) is int and d >= 0 for d in size)
+                    and isinstance(dtype, torch.dtype)):
+                raise CheckpointError(f"{shards.directory / '.metadata'}: tensor {name[:80]!r} has size "
+                                      f"{str(size)[:80]} and dtype {str(dtype)[:40]}, not a shape and a torch dtype")
+            out[name.removeprefix(key)] = (tuple(size), str(dtype).removeprefix("torch."), math.prod(size) * dtype.itemsize)
     return out
 
 
@@ -377,7 +385,7 @@ def _make_classes():
     """DCP's reader and load planners made safe, built on first use so DCP is imported only when needed."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, _EmptyStateDictLoadPlanner
-    from torch.distributed.checkpoint.metadata import StorageMeta
+    from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
     class SafeReader(dcp.FileSystemReader):
         """DCP's file system reader that reads metadata without running code from it, and only files the
@@ -397,8 +405,11 @@ def _make_classes():
                 raise
             except Exception as e:  # anything malformed: a truncated stream, a wrong argument to a class
                 raise CheckpointError(f"{path}: cannot read DCP metadata ({type(e).__name__}: {e})") from None
+            storage = metadata.storage_data if isinstance(metadata, Metadata) else None
+            if not isinstance(storage, Mapping):  # a dtype, say: any class the unpickler allows can be the whole file
+                raise CheckpointError(f"{path}: not DCP metadata (no map of where each value is stored)")
             if self.listed is not None:
-                for info in (metadata.storage_data or {}).values():
+                for info in storage.values():
                     name = getattr(info, "relative_path", None)
                     if not isinstance(name, str) or name not in self.listed:
                         raise CheckpointError(f"{path}: names a data file {name!r} that the manifest does not list")
@@ -407,21 +418,31 @@ def _make_classes():
             metadata.storage_meta.load_id = self.load_id
             return metadata
 
-    def load_bytes(self, read_item, value) -> None:
-        """DCP's own ``load_bytes``, with ``torch.load(weights_only=True)`` instead of a full unpickle."""
-        try:
-            obj = torch.load(value, weights_only=True)
-        except pickle.UnpicklingError as e:
-            raise CheckpointError(f"refusing to load a value of the shards: {_one_line(e)}") from None
-        if self.flatten_state_dict:
-            from torch.distributed.checkpoint._traverse import set_element
+    class Safe:
+        """DCP's own ``load_bytes``, with ``torch.load(weights_only=True)`` instead of a full unpickle, and sparse
+        tensors checked (densifying one with out-of-range indices reads and writes out of bounds)."""
 
-            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
-        else:
-            self.state_dict[read_item.dest_index.fqn] = obj
+        def __init__(self, *args: Any, where: Path, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.where = where  # the shards folder, for messages
 
-    planner = type("SafeLoadPlanner", (DefaultLoadPlanner,), {"load_bytes": load_bytes})
-    empty_planner = type("SafeEmptyStateDictLoadPlanner", (_EmptyStateDictLoadPlanner,), {"load_bytes": load_bytes})
+        def load_bytes(self, read_item, value) -> None:
+            try:
+                obj = torch.load(value, weights_only=True)
+            except pickle.UnpicklingError as e:
+                raise CheckpointError(f"{self.where}: refusing to load a value of the shards: {_one_line(e)}") from None
+            stored = (getattr(self.metadata, "storage_data", None) or {}).get(read_item.storage_index)
+            file = getattr(stored, "relative_path", None)
+            legacy.check_sparse(self.where / file if isinstance(file, str) else self.where, obj)
+            if self.flatten_state_dict:
+                from torch.distributed.checkpoint._traverse import set_element
+
+                set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+            else:
+                self.state_dict[read_item.dest_index.fqn] = obj
+
+    planner = type("SafeLoadPlanner", (Safe, DefaultLoadPlanner), {})
+    empty_planner = type("SafeEmptyStateDictLoadPlanner", (Safe, _EmptyStateDictLoadPlanner), {})
     return _Classes(SafeReader, planner, empty_planner)
 
 

@@ -3,6 +3,10 @@
 Each checkpoint is ``<root>/step-<step>``. Retention runs only after a save has committed, deletes by
 renaming a checkpoint out of sight before removing it, and always keeps the checkpoint just saved.
 
+One writer per store: the first save (or ``lock()``) takes a lock on the folder, held until ``close()``, and
+only then are leftovers of crashed saves swept. Readers delete nothing, follow no symbolic link out of the
+folder, and take a checkpoint pruned under them in their stride.
+
 With ``async_save=True``, ``save`` copies the state into reused memory and returns; one background thread writes
 it with the same commit and then applies retention. Readers (``latest``, ``checkpoints``, ``load``) see only
 committed checkpoints and do not wait; ``wait()`` does.
@@ -12,7 +16,7 @@ import math
 import os
 import re
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,10 +24,17 @@ from typing import Any
 from etappe import distributed
 from etappe.checkpoint import background, codec, folder, fsio, manifest
 from etappe.checkpoint import sharded as shards
-from etappe.checkpoint.errors import CheckpointError, CheckpointWarning
+from etappe.checkpoint.errors import CheckpointError, CheckpointWarning, NewerFormatError
 from etappe.errors import UsageError
 
-_STEP = re.compile(r"step-(\d+)")
+_STEP = re.compile(r"step-([0-9]+)")
+_RESCANS = 10  # times a reader lists the folder again when every checkpoint it found was pruned meanwhile
+
+
+def _step_of(name: str) -> int | None:
+    """The step of a folder named as a store names its checkpoints (``step-%08d``), else None."""
+    m = _STEP.fullmatch(name)
+    return int(m[1]) if m and name == f"step-{int(m[1]):08d}" else None
 
 
 @dataclass(frozen=True)
@@ -40,8 +51,12 @@ class CheckpointStore:
 
     keep_last: keep the k highest steps. keep_best: keep the k best by metric ``monitor`` (``mode`` "min" or
     "max"). keep_every: keep every step divisible by n, forever. A checkpoint kept by any rule stays, and so does
-    the one just saved; with no rule given (all None), all stay. Opening the store removes temporary folders
-    left by crashed saves.
+    the one just saved; with no rule given (all None), all stay. A checkpoint this etappe cannot read (corrupt,
+    or in a newer format) is never deleted by retention.
+
+    One writer per folder: the first ``save`` takes the folder's writer lock (``lock()``), held until ``close()``;
+    a second writer, in any process, gets a CheckpointError. The writer then removes temporary folders of
+    crashed saves. Opening a store and reading it changes nothing on disk.
 
     async_save: ``save`` snapshots the state and returns at once; a background thread writes and commits it.
     A store is used from one thread (the trainer's); call ``wait()`` before exiting or reading what was saved.
@@ -72,10 +87,18 @@ class CheckpointStore:
         self.async_save = bool(async_save)
         self._pool = background.SnapshotPool()
         self._writer = background.Writer()
-        fsio.sweep(self.root)
+        self._lock: fsio.Lock | None = None
 
     def path_for(self, step: int) -> Path:
-        return self.root / f"step-{step:08d}"
+        return self.root / f"step-{step:08d}"  # _step_of reads it back
+
+    def lock(self) -> None:
+        """Become this folder's one writer (``save`` does it first, ``close`` lets go), and remove temporary
+        folders of saves that crashed. Raises CheckpointError naming the holder if another writer has it."""
+        if self._lock is not None and self._lock.fd is not None:
+            return
+        self._lock = fsio.lock_writer(self.root)
+        fsio.sweep(self.root, writer=True)
 
     def save(self, step: int, objects: Mapping[str, Any], metrics: Mapping[str, float] | None = None, *,
              sharded: Mapping[str, Any] | None = None) -> Path:
@@ -108,12 +131,14 @@ class CheckpointStore:
                 return shards.write(target, sharded)
 
             try:
+                self.lock()
                 self._commit(path, folder.encode(objects), meta, step, write_shards)
             except BaseException as e:
                 if not started:  # the other ranks wait in shards.write for a folder that will not come
                     shards.write_failed(f"rank 0 could not start checkpoint {path}: {e}")
                 raise
             return path
+        self.lock()
         if not self.async_save:
             self._commit(path, folder.encode(objects), meta, step)
             return path
@@ -129,71 +154,110 @@ class CheckpointStore:
         return self._writer.wait()
 
     def close(self) -> Path | None:
-        """``wait()``, then free the memory async saves copy into (the next save allocates it again)."""
+        """``wait()``, then free the memory async saves copy into (the next save allocates it again) and let go of
+        the writer lock."""
         try:
             return self.wait()
         finally:
             self._pool.clear()
+            if self._lock is not None:
+                self._lock.release()
+                self._lock = None
 
     def _commit(self, path: Path, encoded: dict, meta: dict, step: int, write_shards=None) -> None:
+        fsio.refuse_link(path, "save checkpoint")
         if path.exists() and not (path / manifest.MANIFEST).exists():
             fsio.remove_tree(path)  # an uncommitted leftover at this step: nothing in it was ever valid
         folder.write_encoded(path, encoded, meta, write_shards)
         self._prune(newest=step)
 
     def checkpoints(self) -> list[Checkpoint]:
-        """The committed checkpoints, by step (their manifests read; their data files are not checked here)."""
+        """The committed checkpoints, by step (their manifests read; their data files are not checked here).
+        Raises NewerFormatError if one is in a format newer than this etappe reads."""
+        return self._committed(strict=True)
+
+    def _committed(self, *, strict: bool) -> list[Checkpoint]:
         found = []
         for path, step in self._candidates():
             try:
-                body = manifest.read(path)
+                body = manifest.read(path, step=step)
+            except NewerFormatError:
+                if strict:
+                    raise
+                continue
             except CheckpointError:
                 continue
-            found.append(Checkpoint(path, step, codec.decode(body.get("metrics", {}), {})))
+            found.append(Checkpoint(path, step, manifest.metrics_of(body)))
         return found
 
     def latest(self) -> Path | None:
-        """The highest step that verifies; each bad one skipped is reported with a CheckpointWarning."""
-        return next(self._verified(p for p, _ in reversed(self._candidates())), None)
+        """The highest step that verifies; each bad one skipped is reported with a CheckpointWarning. Raises
+        NewerFormatError at one in a newer format: falling back past it would let a run retrain over it."""
+        for _ in range(_RESCANS):
+            vanished = []
+            found = next(self._verified(reversed(self._candidates()), vanished), None)
+            if found is not None or not vanished:
+                return found
+        return None
 
     def best(self) -> Path | None:
         """The best checkpoint by ``monitor`` that verifies; the latest one if there is no monitor or no metric."""
         ranked = self._ranked(self.checkpoints())
         if not ranked:
             return self.latest()
-        return next(self._verified(c.path for c in ranked), None) or self.latest()
+        return next(self._verified(((c.path, c.step) for c in ranked), []), None) or self.latest()
 
     def load(self, path: str | os.PathLike | None = None, /, **objects: Any) -> dict[str, Any]:
         """``load`` a checkpoint of this store; without ``path``, the latest that verifies (bad ones are skipped
-        with a warning, each read only once)."""
+        with a warning, each read only once; one in a newer format raises NewerFormatError)."""
         if path is not None:
             return folder.load(path, **objects)
-        for candidate, _ in reversed(self._candidates()):
-            try:
-                entries = folder.read(candidate)
-            except CheckpointError as e:
-                if not candidate.exists():
-                    continue  # pruned meanwhile by a background save
-                warnings.warn(f"skipping checkpoint {candidate}: {e}", CheckpointWarning, stacklevel=2)
-                continue
-            return folder.restore(candidate, entries, objects)
+        for _ in range(_RESCANS):
+            vanished = False
+            for candidate, step in reversed(self._candidates()):
+                try:
+                    entries = folder.read(candidate, step=step)
+                except NewerFormatError:
+                    raise
+                except CheckpointError as e:
+                    if not candidate.is_dir():
+                        vanished = True  # pruned meanwhile
+                        continue
+                    warnings.warn(f"skipping checkpoint {candidate}: {e}", CheckpointWarning, stacklevel=2)
+                    continue
+                return folder.restore(candidate, entries, objects)
+            if not vanished:
+                break
         raise CheckpointError(f"no valid checkpoint in {self.root}")
 
     def _candidates(self) -> list[tuple[Path, int]]:
+        """The step folders, by step: real folders (a symbolic link is not followed out of the store) named as
+        ``path_for`` names them."""
         try:
-            children = list(self.root.iterdir())
-        except FileNotFoundError:
+            entries = list(os.scandir(self.root))
+        except OSError:
             return []
-        found = [(c, int(m[1])) for c in children if (m := _STEP.fullmatch(c.name)) and c.is_dir()]
+        found = []
+        for entry in entries:
+            step = _step_of(entry.name)
+            try:
+                if step is not None and entry.is_dir(follow_symlinks=False):
+                    found.append((Path(entry.path), step))
+            except OSError:
+                continue
         return sorted(found, key=lambda pc: pc[1])
 
-    def _verified(self, paths) -> Iterator[Path]:
-        for path in paths:
+    def _verified(self, candidates: Iterable[tuple[Path, int]], vanished: list[Path]) -> Iterator[Path]:
+        """The candidates that verify and hold their step; the bad ones are warned about, the vanished listed."""
+        for path, step in candidates:
             try:
-                folder.verify(path)
+                folder.verify(path, step=step)
+            except NewerFormatError:
+                raise
             except CheckpointError as e:
-                if not path.exists():
-                    continue  # pruned meanwhile by a background save
+                if not path.is_dir():
+                    vanished.append(path)  # pruned meanwhile
+                    continue
                 warnings.warn(f"skipping checkpoint {path}: {e}", CheckpointWarning, stacklevel=3)
                 continue
             yield path
@@ -209,10 +273,10 @@ class CheckpointStore:
     def _prune(self, newest: int) -> None:
         if self.keep_last is None and self.keep_best is None and self.keep_every is None:
             return
-        committed = self.checkpoints()
+        committed = self._committed(strict=False)  # what cannot be read is not ours to delete
         keep = {newest}
-        if self.keep_last is not None:
-            keep |= {c.step for c in committed[len(committed) - self.keep_last :]}
+        if self.keep_last:
+            keep |= {c.step for c in committed[-self.keep_last :]}
         if self.keep_best is not None:
             keep |= {c.step for c in self._ranked(committed)[: self.keep_best]}
         if self.keep_every is not None:
@@ -225,7 +289,9 @@ class CheckpointStore:
 def verify_tree(path: str | os.PathLike) -> list[tuple[Path, str | None]]:
     """Verify a checkpoint, a plain checkpoint file, or every checkpoint under a folder (a run, or many runs).
 
-    Returns (path, error message or None) for each, by path. Raises CheckpointError if there is nothing to check.
+    Returns (path, error message or None) for each, by path. A store's step folder must hold its step; a symbolic
+    link inside the folder is reported, not followed; a checkpoint pruned while this runs is left out. Raises
+    CheckpointError if there is nothing to check.
     """
     path = Path(path)
     if not path.exists():
@@ -237,16 +303,25 @@ def verify_tree(path: str | os.PathLike) -> list[tuple[Path, str | None]]:
         for here, dirs, _ in os.walk(path):
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
             for d in list(dirs):
-                if (Path(here, d) / manifest.MANIFEST).exists() or _STEP.fullmatch(d):
+                if Path(here, d).is_symlink():  # not followed: reported if it stands where a store's step would
+                    dirs.remove(d)
+                    if _STEP.fullmatch(d):
+                        targets.append(Path(here, d))
+                elif (Path(here, d) / manifest.MANIFEST).exists() or _STEP.fullmatch(d):
                     targets.append(Path(here, d))
                     dirs.remove(d)  # a checkpoint's insides are its own business
         if not targets:
             raise CheckpointError(f"{path}: no checkpoints in it (folders with a manifest.json, or step-N folders)")
     results = []
     for target in targets:
+        if target != path and target.is_symlink():
+            results.append((target, f"{target}: a symbolic link (to {os.readlink(target)}); not followed"))
+            continue
         try:
-            folder.verify(target)
+            folder.verify(target, step=_step_of(target.name))
             results.append((target, None))
         except CheckpointError as e:
+            if target != path and not target.exists():
+                continue  # pruned meanwhile: it was not there to verify
             results.append((target, str(e)))
     return results

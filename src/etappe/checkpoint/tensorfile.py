@@ -11,6 +11,7 @@ Tensors are laid out by element size, largest first, as safetensors does, so eve
 import json
 import math
 import mmap
+import os
 import struct
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from etappe.checkpoint import fsio
 from etappe.checkpoint.errors import CheckpointError
 
 _CODES = {
@@ -29,6 +31,7 @@ _CODES = {
 }  # fmt: skip
 _DTYPE_OF_CODE = {code: getattr(torch, name) for code, name in _CODES.items() if hasattr(torch, name)}
 _CODE_OF_DTYPE = {dtype: code for code, dtype in _DTYPE_OF_CODE.items()}
+MAX_HEADER = 100_000_000  # the largest header safetensors itself reads
 _RAW = "etappe.raw"  # __metadata__ key: {name: {"dtype", "shape"}} for tensors stored as raw bytes
 
 
@@ -107,29 +110,38 @@ class Image:
 
 def parse(buf, where: Path) -> dict[str, torch.Tensor]:
     """Tensors viewing ``buf`` (a writable buffer: an mmap or bytearray), a whole, verified safetensors file."""
-    header, base = _header(buf[:8], lambda n: buf[8 : 8 + n], len(buf), where)
+    header, base = _header(bytes(buf[:8]), lambda n: buf[8 : 8 + n], len(buf), where)
     raw = _raw_of(header, where)
     out = {}
     for name, info in header.items():
         start, end = info["data_offsets"]
         dtype, shape = _real(name, info, raw, where)
-        if end == start:
-            out[name] = torch.empty(shape, dtype=dtype)
-            continue
-        flat = torch.frombuffer(buf, dtype=torch.uint8, count=end - start, offset=base + start)
-        if flat.data_ptr() % dtype.itemsize:  # the format aligns to 8 bytes: a complex128 may sit off its 16, and
-            aligned = torch.empty(shape, dtype=dtype)  # torch's vector kernels fault on such a view: copy it
-            aligned.reshape(-1).view(torch.uint8).copy_(flat)
-            out[name] = aligned
-        else:
-            out[name] = flat.view(dtype).reshape(shape)
+        try:
+            if end == start:
+                out[name] = torch.empty(shape, dtype=dtype)
+                continue
+            flat = torch.frombuffer(buf, dtype=torch.uint8, count=end - start, offset=base + start)
+            if flat.data_ptr() % dtype.itemsize:  # the format aligns to 8 bytes: a complex128 may sit off its 16,
+                aligned = torch.empty(shape, dtype=dtype)  # and torch's vector kernels fault on such a view: copy it
+                aligned.reshape(-1).view(torch.uint8).copy_(flat)
+                out[name] = aligned
+            else:
+                out[name] = flat.view(dtype).reshape(shape)
+        except (RuntimeError, ValueError) as e:  # a shape torch refuses (too many dimensions, say)
+            said = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise CheckpointError(f"{where}: tensor {name[:80]!r} of shape {list(shape[:8])}: {said}") from None
     return out
 
 
 def infos(path: Path) -> dict[str, TensorInfo]:
-    """Names, shapes, dtypes and sizes of the tensors in a safetensors file, reading only its header."""
-    with open(path, "rb") as f:
-        size = path.stat().st_size
+    """Names, shapes, dtypes and sizes of the tensors in a safetensors file, reading only its header (a symbolic
+    link to one is not followed)."""
+    try:
+        fd = fsio.open_listed(path.parent, path.name)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from None
+    with open(fd, "rb") as f:
+        size = os.fstat(fd).st_size
         header, _ = _header(f.read(8), f.read, size, path)
     raw = _raw_of(header, path)
     out = {}
@@ -157,47 +169,83 @@ def _stored(dtype: torch.dtype, shape: tuple[int, ...]) -> tuple[str, list[int],
 
 
 def _header(first8: bytes, read, size: int, where: Path) -> tuple[dict, int]:
+    """The header of a safetensors file, every field checked for its type and every tensor for lying inside the
+    file, and where the data starts. Anything else raises CheckpointError, as for any corrupt file."""
     if len(first8) != 8:
         raise CheckpointError(f"{where}: too short for a safetensors file ({size} bytes)")
     (n,) = struct.unpack("<Q", first8)
+    if n > MAX_HEADER:
+        raise CheckpointError(
+            f"{where}: safetensors header of {n} bytes, more than the format allows ({MAX_HEADER}); the file is corrupt"
+        )
     if 8 + n > size:
         raise CheckpointError(f"{where}: safetensors header of {n} bytes does not fit in {size} bytes")
     try:
         header = json.loads(bytes(read(n)))
-        offsets = {name: info["data_offsets"] for name, info in header.items() if name != "__metadata__"}
-    except (ValueError, TypeError, KeyError) as e:
-        raise CheckpointError(f"{where}: malformed safetensors header: {e}") from None
+    except (ValueError, RecursionError) as e:
+        raise CheckpointError(f"{where}: malformed safetensors header: {type(e).__name__}: {str(e)[:200]}") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{where}: malformed safetensors header: a {type(header).__name__}, not an object")
     base = 8 + n
-    for name, (start, end) in offsets.items():
+    for name, info in header.items():
+        if name == "__metadata__":
+            if not (info is None or (isinstance(info, dict) and all(isinstance(v, str) for v in info.values()))):
+                raise CheckpointError(f"{where}: malformed safetensors header: __metadata__ must map names to strings")
+            continue
+        problem = _info_problem(info)
+        if problem:
+            raise CheckpointError(f"{where}: malformed safetensors header: tensor {name[:80]!r} {problem}")
+        start, end = info["data_offsets"]
         if not 0 <= start <= end <= size - base:
-            raise CheckpointError(f"{where}: tensor {name!r} at bytes {start}..{end} lies outside the file")
+            raise CheckpointError(f"{where}: tensor {name[:80]!r} at bytes {start}..{end} lies outside the file")
     return header, base
+
+
+def _info_problem(info) -> str | None:
+    if not isinstance(info, dict):
+        return f"is a {type(info).__name__}, not an object"
+    if not isinstance(info.get("dtype"), str):
+        return "has no dtype"
+    if not _dims(info.get("shape")):
+        return f"has shape {str(info.get('shape'))[:80]}, not a list of whole numbers >= 0"
+    offsets = info.get("data_offsets")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and _dims(offsets)):
+        return f"has data_offsets {str(offsets)[:80]}, not two whole numbers >= 0"
+    return None
+
+
+def _dims(value) -> bool:
+    return isinstance(value, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in value)
 
 
 def _raw_of(header: dict, where: Path) -> dict:
     meta = header.pop("__metadata__", None) or {}
     try:
-        return json.loads(meta.get(_RAW, "{}"))
-    except ValueError as e:
-        raise CheckpointError(f"{where}: malformed {_RAW} metadata: {e}") from None
+        raw = json.loads(meta.get(_RAW, "{}"))
+    except (ValueError, RecursionError) as e:
+        raise CheckpointError(f"{where}: malformed {_RAW} metadata: {type(e).__name__}") from None
+    if not (isinstance(raw, dict) and all(isinstance(r, dict) and isinstance(r.get("dtype"), str)
+                                          and _dims(r.get("shape")) for r in raw.values())):
+        raise CheckpointError(f"{where}: malformed {_RAW} metadata: each tensor needs a dtype and a shape")
+    return raw
 
 
 def _real(name: str, info: dict, raw: dict, where: Path) -> tuple[torch.dtype, tuple[int, ...]]:
     if name in raw:
-        dtype = getattr(torch, raw[name]["dtype"], None)
+        dtype = getattr(torch, raw[name]["dtype"], None) if raw[name]["dtype"].isidentifier() else None
         shape = tuple(raw[name]["shape"])
     else:
         dtype = _DTYPE_OF_CODE.get(info["dtype"])
         shape = tuple(info["shape"])
     if not isinstance(dtype, torch.dtype):
-        raise CheckpointError(f"{where}: tensor {name!r} has dtype {info['dtype']!r}, which this torch does not have")
+        raise CheckpointError(
+            f"{where}: tensor {name[:80]!r} has dtype {info['dtype'][:40]!r}, which this torch does not have"
+        )
     start, end = info["data_offsets"]
-    numel = 1
-    for d in shape:
-        numel *= d
+    numel = math.prod(shape)
     if numel * dtype.itemsize != end - start:
         raise CheckpointError(
-            f"{where}: tensor {name!r} of shape {list(shape)} {dtype} needs {numel * dtype.itemsize} bytes, "
+            f"{where}: tensor {name[:80]!r} of shape {list(shape)[:8]} {dtype} needs {numel * dtype.itemsize} bytes, "
             f"the file has {end - start}"
         )
     return dtype, shape
