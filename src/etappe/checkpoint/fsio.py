@@ -242,8 +242,8 @@ def open_listed(folder: Path, name: str) -> int:
             except OSError as e:
                 if e.errno in (errno.ELOOP, errno.ENOTDIR) and Path(folder, *parts[: i + 1]).is_symlink():
                     raise CheckpointError(
-                        f"{Path(folder, *parts[: i + 1])}: a symbolic link; the files of a checkpoint are never "
-                        "read through links"
+                        f"{Path(folder, *parts[: i + 1])}: a symbolic link; etappe never reads a run's or a "
+                        "checkpoint's files through links: replace it with the file itself"
                     ) from None
                 raise
             os.close(fd)
@@ -254,6 +254,38 @@ def open_listed(folder: Path, name: str) -> int:
     except BaseException:
         os.close(fd)
         raise
+
+
+SMALL_FILE_LIMIT = 16 << 20  # config.json, metrics.jsonl, sidecars: far below this; a larger one is hostile
+
+
+def read_inside(folder: Path, name: str, limit: int = SMALL_FILE_LIMIT) -> bytes | None:
+    """The bytes of file ``name`` of ``folder`` (a run folder's config.json, metrics.jsonl, a sidecar), read as
+    ``open_listed`` opens files: never through a symbolic link, only a regular file. None if it does not exist;
+    CheckpointError if it is a link, not a regular file, or larger than ``limit`` bytes."""
+    try:
+        fd = open_listed(Path(folder), name)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise CheckpointError(f"{Path(folder, name)}: cannot read: {e.strerror}") from None
+    try:
+        size = os.fstat(fd).st_size
+        if size > limit:
+            raise CheckpointError(f"{Path(folder, name)}: {size} bytes, more than the {limit} such a file can hold; "
+                                  "it is not one etappe wrote")
+        chunks, left = [], size + 1
+        while left > 0 and (chunk := os.read(fd, min(left, 1 << 20))):
+            chunks.append(chunk)
+            left -= len(chunk)
+        data = b"".join(chunks)
+        if len(data) > limit:
+            raise CheckpointError(f"{Path(folder, name)}: grew past {limit} bytes while read; it is not one etappe wrote")
+        return data
+    except OSError as e:
+        raise CheckpointError(f"{Path(folder, name)}: cannot read: {e.strerror}") from None
+    finally:
+        os.close(fd)
 
 
 def map_fd(fd: int, size: int, where: Path) -> mmap.mmap | bytes | bytearray:
