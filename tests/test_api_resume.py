@@ -110,3 +110,27 @@ def test_a_refused_resume_lets_go_of_the_run_folder_so_a_corrected_call_can_take
         trainer.fit(3)
     _, _, history = fit(tmp_path / "run", epochs=3)  # the corrected call, while the refused Trainer lives on
     assert [r["epoch"] for r in history] == [1, 2, 3]
+
+
+def test_changed_training_data_is_refused_like_a_changed_lr(tmp_path):
+    fit(tmp_path / "run")
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.0)
+    common = dict(epochs=3, optimizer=opt, loss_fn=nn.CrossEntropyLoss(), val_data=data(), batch_size=8,
+                  run_dir=tmp_path / "run", progress=False, quiet=True)
+    with pytest.raises(UsageError, match="train_data"):
+        etappe.fit(model, torch.utils.data.Subset(data(), range(40)), **common)
+    with pytest.raises(UsageError, match="train_data"):
+        etappe.fit(model, data(40), **common)  # the same type and one fewer sample... another length
+    changed = data()
+    changed.x[0, 0] += 1.0  # same type, same length, one value changed
+    with pytest.raises(UsageError, match="train_data.checksum"):
+        etappe.fit(model, changed, **common)
+    fit(tmp_path / "run", epochs=3)  # the same data resumes
+
+
+def test_a_change_of_optimizer_type_is_refused_even_when_allowed(tmp_path):
+    fit(tmp_path / "run")
+    with pytest.raises(UsageError, match="new run folder"):
+        fit(tmp_path / "run", epochs=3, optimizer="adam", allow_config_change=True)

@@ -445,3 +445,89 @@ def test_any_toml_like_dict_is_a_valid_config_or_a_usage_error(values):
     assert again == config
     through_json = TrainConfig.from_dict(json.loads(json.dumps(config.to_dict(), allow_nan=False)))
     assert through_json == config
+
+
+# ------------------------------------------------------------------- the attacker's findings (issue 11)
+
+def copy_run(files: Path, tmp_path: Path, name: str = "copy") -> Path:
+    dst = tmp_path / name
+    shutil.copytree(files / "run", dst, symlinks=True)
+    return dst
+
+
+def test_a_symlinked_tensorboard_folder_is_refused_and_nothing_is_written_outside(capsys, files, tmp_path):
+    pytest.importorskip("torch.utils.tensorboard")
+    run = copy_run(files, tmp_path)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (run / "tensorboard").symlink_to(outside, target_is_directory=True)
+    code, _, err = cli(capsys, "train", "--run-dir", run, "--epochs", "3", "--tensorboard", "--quiet")
+    one_error(code, err, 1, "tensorboard", "symbolic link")
+    assert list(outside.iterdir()) == []
+
+
+def test_a_symlinked_config_json_is_not_read(capsys, files, tmp_path):
+    run = copy_run(files, tmp_path)
+    outside = tmp_path / "cfg.json"
+    outside.write_bytes((run / "config.json").read_bytes())
+    (run / "config.json").unlink()
+    (run / "config.json").symlink_to(outside)
+    code, _, err = cli(capsys, "train", "--run-dir", run, "--epochs", "3", "--quiet")
+    one_error(code, err, 1, "config.json", "symbolic link")
+    code, _, err = cli(capsys, "resume", run, "--epochs", "3", "--quiet")
+    one_error(code, err, 1, "config.json", "symbolic link")
+
+
+def test_a_symlinked_metrics_jsonl_is_not_plotted(capsys, files, tmp_path):
+    run = copy_run(files, tmp_path)
+    outside = tmp_path / "m.jsonl"
+    outside.write_bytes((run / "metrics.jsonl").read_bytes())
+    (run / "metrics.jsonl").unlink()
+    (run / "metrics.jsonl").symlink_to(outside)
+    code, _, err = cli(capsys, "plot", run, "--out", tmp_path / "c.png")
+    one_error(code, err, 1, "metrics.jsonl", "symbolic link")
+    assert not (tmp_path / "c.png").exists()
+
+
+def test_bce_on_class_labels_is_refused_with_what_to_use(capsys, tmp_path):
+    code, _, err = cli(capsys, "train", "--loss", "bce", "--run-dir", tmp_path / "r", "--epochs", "1", "--quiet")
+    one_error(code, err, 2, "bce", "class label", "cross-entropy")
+
+
+def test_eval_on_a_data_set_of_another_input_shape_names_both(capsys, files):
+    code, _, err = cli(capsys, "eval", files / "run", "--data", "sine")
+    one_error(code, err, 2, "sine", "(1, 8, 8)")
+
+
+def test_a_change_of_optimizer_type_is_refused_even_when_changes_are_allowed(capsys, files, tmp_path):
+    run = copy_run(files, tmp_path)
+    before = (run / "config.json").read_bytes()
+    code, _, err = cli(capsys, "resume", run, "--optimizer", "sgd", "--allow-config-change", "--epochs", "3", "--quiet")
+    one_error(code, err, 2, "adam", "sgd", "new run folder")
+    assert (run / "config.json").read_bytes() == before
+
+
+def test_a_deeply_nested_config_json_is_one_line(capsys, files, tmp_path):
+    run = copy_run(files, tmp_path)
+    (run / "config.json").unlink()
+    (run / "config.json").write_text("[" * 100000 + "]" * 100000)
+    code, _, err = cli(capsys, "resume", run, "--epochs", "3", "--quiet")
+    one_error(code, err, 1, "config.json")
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["export", "RUN", "--format", "state-dict", "--atol", "-1"], "--atol"),
+    (["export", "RUN", "--format", "state-dict", "--atol", "0"], "--atol"),
+    (["export", "RUN", "--format", "state-dict", "--atol", "nan"], "--atol"),
+    (["export", "RUN", "--format", "state-dict", "--atol", "inf"], "--atol"),
+    (["predict", "RUN", "INPUT", "--top", "0"], "argument --top"),
+    (["predict", "RUN", "INPUT", "--top", "-3"], "argument --top"),
+])
+def test_non_positive_numeric_flags_are_refused_at_parse_time(capsys, files, tmp_path, args, fragment):
+    args = [str(files / "run") if a == "RUN" else str(files / "input.npy") if a == "INPUT" else a for a in args]
+    out = tmp_path / "out"
+    if args[0] == "export":
+        args += ["--out", str(out / "m.pt")]
+    code, _, err = cli(capsys, *args)
+    one_error(code, err, 2, fragment)
+    assert not out.exists()

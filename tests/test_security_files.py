@@ -201,7 +201,7 @@ def test_a_pt2_whose_pickle_runs_code_is_refused_without_trust(tmp_path, planted
     assert "--trust" in one_error_line(result) and "torch.export" in result.stderr
     for argv in (["eval", path, "--data", "linear"], ["export", path, "--format", "onnx", "--out", tmp_path / "o"],
                  ["inspect", path]):
-        assert "--trust" in cli_error(argv, capsys) or argv[0] == "inspect"
+        assert "--trust" in cli_error(argv, capsys) or argv[0] in ("inspect", "export")
     with pytest.raises(EtappeError, match="--trust"):
         load_model(path)
     assert not marker.exists()
@@ -563,3 +563,157 @@ def test_torchscript_under_any_name_or_sidecar_needs_trust(loaders, torchscript_
         with pytest.raises(EtappeError, match="not a valid TorchScript archive"):  # the spy's refusal, as one line
             load_model(path, trusted=True)
         assert loaders == ["torchscript"]
+
+
+# ------------------------------------------------------------------ the second review (issue 11, acceptance 6)
+
+
+def _digits_weights(folder: Path, sidecar: dict, model: str = "mlp") -> Path:
+    """A real 1x8x8 -> 10 state dict, with a sidecar the attacker wrote."""
+    folder.mkdir(exist_ok=True)
+    path = folder / "m.pt"
+    torch.save(models.build(model, (1, 8, 8), 10).state_dict(), path)
+    (folder / "m.pt.json").write_text(json.dumps({"model": model, **sidecar}))
+    return path
+
+
+def test_export_refuses_a_symlinked_export_folder(tmp_path, capsys):
+    path = _digits_weights(tmp_path / "run", {"input_shape": [1, 8, 8], "num_outputs": 10})
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (tmp_path / "run" / "export").symlink_to(outside)
+    assert "symbolic link" in cli_error(["export", path, "--format", "state-dict"], capsys)
+    assert list(outside.iterdir()) == []
+
+
+def test_a_sidecar_read_through_a_link_is_refused(tmp_path, capsys):
+    path = _digits_weights(tmp_path / "run", {"input_shape": [1, 8, 8], "num_outputs": 10})
+    real = tmp_path / "elsewhere.json"
+    (tmp_path / "run" / "m.pt.json").rename(real)
+    (tmp_path / "run" / "m.pt.json").symlink_to(real)
+    with pytest.raises(EtappeError, match="link"):
+        load_model(path)
+
+
+@pytest.mark.parametrize("sidecar", [{"input_shape": [1, 30000, 30000], "num_outputs": 10},
+                                     {"input_shape": [1, 8, 8], "num_outputs": 10**9},
+                                     {"input_shape": [1, 8, 8], "num_outputs": 10, "model": "cnn"},
+                                     {"input_shape": [1, 1000, 1000], "num_outputs": 10}])
+def test_a_sidecar_cannot_make_etappe_allocate_a_huge_model(tmp_path, sidecar):
+    path = _digits_weights(tmp_path, {})
+    (tmp_path / "m.pt.json").write_text(json.dumps({"model": "mlp", **sidecar}))
+    np.save(tmp_path / "x.npy", np.zeros((1, 1, 8, 8), dtype=np.float32))
+    result = run_limited("predict", path, tmp_path / "x.npy", cwd=tmp_path)
+    line = one_error_line(result)
+    assert "m.pt" in line and "Traceback" not in result.stderr
+
+
+def test_a_huge_csv_row_fails_at_its_field_count(tmp_path):
+    path = _digits_weights(tmp_path, {"input_shape": [1, 8, 8], "num_outputs": 10})
+    (tmp_path / "x.csv").write_text(",".join(["0"] * 64) + "\n" + ",".join(["0"] * 20_000_000) + "\n")
+    assert "expected 64 values per row" in one_error_line(run_limited("predict", path, tmp_path / "x.csv",
+                                                                      cwd=tmp_path))
+
+
+def test_a_csv_field_over_the_limit_is_one_line(tmp_path, capsys):
+    path = _digits_weights(tmp_path, {"input_shape": [1, 8, 8], "num_outputs": 10})
+    (tmp_path / "x.csv").write_text("1" * (200 * 1024) + "\n")
+    assert "x.csv" in cli_error(["predict", path, tmp_path / "x.csv"], capsys)
+
+
+def test_an_image_with_too_many_pixels_is_refused_from_its_header(tmp_path):
+    from PIL import Image
+
+    path = _digits_weights(tmp_path, {"input_shape": [1, 8, 8], "num_outputs": 10})
+    Image.new("L", (13000, 13000)).save(tmp_path / "big.png")
+    assert "pixels" in one_error_line(run_limited("predict", path, tmp_path / "big.png", "--resize", cwd=tmp_path))
+
+
+def test_the_safetensors_suffix_does_not_decide_the_format(tmp_path, capsys):
+    torch.save(models.build("mlp", (1, 8, 8), 10).state_dict(), tmp_path / "plain_sd.safetensors")
+    assert cli.main(["inspect", str(tmp_path / "plain_sd.safetensors")]) == 0
+    (tmp_path / "bad.safetensors").write_bytes(struct.pack("<Q", 40) + b'{"a": {"dtype": "F32", "shape": [9]}}  ')
+    assert "bad.safetensors" in cli_error(["inspect", tmp_path / "bad.safetensors"], capsys)
+
+
+@pytest.mark.parametrize("kwargs", [{"name": "x"}, {"input_shape": [3]}, {"hidden": [[[[1]]]]}])
+def test_model_kwargs_from_a_file_that_break_the_factory_are_one_line(tmp_path, kwargs):
+    with pytest.raises(UsageError):
+        models.build("mlp", (1, 8, 8), 10, **kwargs)
+
+
+def test_predict_accepts_a_tensor_for_an_onnx_model(tmp_path, real_files):
+    (tmp_path / "m.onnx").write_bytes(real_files[".onnx"])
+    out = predict(tmp_path / "m.onnx", torch.zeros(2, 1), input_shape=(1,))
+    assert len(out) == 2
+
+
+def test_inspect_names_an_onnx_file_and_a_text_file(tmp_path, real_files, capsys):
+    (tmp_path / "m.onnx").write_bytes(real_files[".onnx"])
+    assert "ONNX" in cli_error(["inspect", tmp_path / "m.onnx"], capsys)
+    (tmp_path / "passwd").write_text("root:x:0:0:root:/root:/bin/bash\n")
+    line = cli_error(["inspect", tmp_path / "passwd"], capsys)
+    assert "not a checkpoint" in line and "index" not in line
+
+
+def test_export_refuses_an_onnx_file(tmp_path, real_files, capsys):
+    (tmp_path / "m.onnx").write_bytes(real_files[".onnx"])
+    assert "ONNX" in cli_error(["export", tmp_path / "m.onnx", "--format", "onnx", "--out", tmp_path / "o.onnx"],
+                               capsys)
+
+
+def test_every_trust_refusal_exits_2(tmp_path, planted, capsys):
+    ts, pt2, _ = planted
+    marker = tmp_path / "CODE_RAN"  # the planted files' marker is shared with tests that pass --trust
+    torch.save(_Open(str(marker)), tmp_path / "p.pt")
+    (tmp_path / "ts.pt").write_bytes(ts)
+    (tmp_path / "m.pt2").write_bytes(pt2)
+    np.save(tmp_path / "x.npy", np.zeros((2, 1), dtype=np.float32))
+    for f in ("p.pt", "ts.pt", "m.pt2"):
+        for argv in (["inspect", f], ["predict", f, "x.npy", "--input-shape", "1"]):
+            code = cli.main([str(tmp_path / a) if a.endswith(("pt", "pt2", "npy")) else a for a in argv])
+            assert code == 2, (argv, capsys.readouterr().err)
+            capsys.readouterr()
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("mode", ["none", "removed"])
+def test_load_and_eval_agree_with_verify_on_an_entry_type(tmp_path, mode):
+    """A state.json entry whose "type" is None is rejected by verify, load and load_model alike (a run folder then
+    falls back past it, here to the run's model.safetensors); one without a "type" passes all of them."""
+    import xxhash
+    from safetensors.torch import save_file
+
+    from etappe.checkpoint import CHECKSUM, checksum, verify
+
+    run = tmp_path / "run"
+    model = models.build("linear", (2,), 1)
+    from etappe.checkpoint import CheckpointStore
+
+    path = Path(CheckpointStore(run / "checkpoints").save(
+        1, {"model": model, "config": {"model": "linear", "input_shape": [2], "num_outputs": 1}}))
+    (run / "config.json").write_text(json.dumps({"model": "linear", "input_shape": [2], "num_outputs": 1}))
+    save_file(model.state_dict(), run / "model.safetensors")
+    body = json.loads((path / "manifest.json").read_text())
+    state = json.loads((path / body["state"]).read_text())
+    if mode == "none":
+        state["entries"]["model"]["type"] = None
+    else:
+        state["entries"]["model"].pop("type")
+    data = json.dumps(state).encode()
+    (path / body["state"]).write_bytes(data)
+    body["files"][body["state"]] = {"size": len(data), "checksum": checksum(data)}
+    body["manifest_checksum"] = "0" * 32
+    text = json.dumps(body, indent=1) + "\n"
+    (path / "manifest.json").write_text(text.replace("0" * 32, xxhash.xxh3_128_hexdigest(text.encode()), 1))
+    if mode == "none":
+        for check in (verify, etappe.load, load_model):
+            with pytest.raises(EtappeError, match="type"):
+                check(path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            assert "checkpoint" not in load_model(run, which="latest")[1]  # fell back to model.safetensors
+    else:
+        verify(path)
+        etappe.load(path)
+        assert load_model(run, which="latest")[1]["checkpoint"] == str(path)

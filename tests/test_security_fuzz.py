@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -339,16 +340,24 @@ def mutate_checkpoint(bad: Path, data) -> None:
 
 
 def newer(bad: Path) -> bool:
-    """Whether the manifest now reads as a valid one of a newer format (which must stop readers, not be skipped)."""
+    """Whether the manifest now reads as one of a newer format (which must stop readers, not be skipped)."""
     try:
         body = json.loads((bad / "manifest.json").read_bytes())
     except (ValueError, RecursionError):
         return False
     if not isinstance(body, dict):
         return False
-    version = body.get("format_version")
-    return (body.get("format") == manifest.FORMAT and isinstance(version, int) and not isinstance(version, bool)
-            and version > manifest.FORMAT_VERSION)
+    version = body.get("format_version")  # anything but a whole number <= ours: newer (or damaged), never skipped
+    if body.get("format") != manifest.FORMAT or (
+            isinstance(version, int) and not isinstance(version, bool) and version <= manifest.FORMAT_VERSION):
+        return False
+    recorded = body.get("manifest_checksum")  # ... unless its checksum is one of ours that fails: corrupt
+    if not (isinstance(recorded, str) and re.fullmatch("[0-9a-f]{32}", recorded)):
+        return True
+    data = bytearray((bad / "manifest.json").read_bytes())
+    at = data.rindex(b'"manifest_checksum": "') + len(b'"manifest_checksum": "')
+    data[at : at + 32] = b"0" * 32
+    return manifest.checksum(data) == recorded
 
 
 @settings(max_examples=250, deadline=None,

@@ -493,8 +493,7 @@ BAD_MANIFESTS = {
     "dot name": lambda b: b["files"].update({"..": {"size": 1, "checksum": "0" * 32}}),
     "step text": lambda b: b.update(step="2"),
     "step bool": lambda b: b.update(step=True),
-    "version bool": lambda b: b.update(format_version=True),
-    "version text": lambda b: b.update(format_version="1"),
+    "version zero": lambda b: b.update(format_version=0),  # not a version (True, "1": see the newer-format test)
     "checksum kind": lambda b: b.update(checksum="md5"),
     "created number": lambda b: b.update(created=5),
     "body list": None,
@@ -577,3 +576,192 @@ def test_step_folders_swapped_between_names_do_not_load_as_each_other(scratch):
         assert CheckpointStore(root, monitor="loss").best() == store.path_for(1)
     report = dict(ck.verify_tree(root))
     assert report[store.path_for(1)] is None and "step 2" in report[three] and "step 3" in report[two]
+
+
+# ------------------------------------------------------------------ review of 2026-12 (issue 11, item 6)
+
+
+def test_a_store_root_that_is_a_symlink_is_neither_read_nor_written(scratch, outside):
+    run = scratch / "run"
+    store = CheckpointStore(run / "checkpoints", keep_last=1)
+    save_steps(store, [1, 2])
+    store.close()
+    shutil.move(run / "checkpoints", outside / "ckd")
+    (run / "checkpoints").symlink_to(outside / "ckd")
+    before = inventory(outside)
+    linked = CheckpointStore(run / "checkpoints", keep_last=1, keep_best=1, monitor="loss")
+    for use in (linked.lock, lambda: save_steps(linked, [3]), linked.latest, linked.best, linked.checkpoints,
+                linked.load):
+        with pytest.raises(CheckpointError, match="symbolic link") as err:
+            use()
+        assert "\n" not in str(err.value) and str(run / "checkpoints") in str(err.value)
+    linked.close()
+    assert inventory(outside) == before
+    report = dict(ck.verify_tree(run))
+    assert "symbolic link" in report[run / "checkpoints"]
+    assert "symbolic link" in dict(ck.verify_tree(run / "checkpoints"))[run / "checkpoints"]
+
+
+def test_a_state_json_larger_than_any_state_is_corrupt_and_fallen_back_past(scratch):
+    store = two_steps(scratch)
+    bad = store.path_for(2)
+    state = json.loads((bad / "state.json").read_bytes())
+    state["entries"]["padding"] = {"kind": "value", "data": "x" * (33 << 20)}
+    rewrite_file(bad, "state.json", json.dumps(state).encode())
+    with pytest.raises(CheckpointError, match="state"):
+        ck.verify(bad)
+    assert_falls_back_to_step_1(scratch)
+
+
+def test_a_large_legit_state_is_far_below_the_bound(scratch):
+    import random
+
+    import numpy as np
+
+    net = torch.nn.Linear(8, 4)
+    opt = torch.optim.Adam(net.parameters())
+    net(torch.zeros(2, 8)).sum().backward()
+    opt.step()
+    history = [{"epoch": e, "train_loss": random.random(), "val_loss": random.random(), "val_acc": random.random(),
+                "lr": random.random(), "seconds": random.random()} for e in range(10_000)]
+    path = ck.save(scratch / "big", model=net, optimizer=opt, history=history, python_rng=random.getstate(),
+                   numpy_rng=np.random.get_state(), torch_rng=torch.get_rng_state())
+    size = (path / "state.json").stat().st_size
+    assert size * 8 < 32 << 20, size
+
+
+@pytest.mark.parametrize("version", [2, "2", 2.0, None, [2], {"major": 2}, "missing", True])
+@pytest.mark.parametrize("checksum", ["valid", "sha256:abcd"])
+def test_a_newer_or_unknown_format_version_stops_whatever_its_checksum(scratch, version, checksum):
+    store = two_steps(scratch)
+    bad = store.path_for(2)
+
+    def change(body):
+        if version == "missing":
+            del body["format_version"]
+        else:
+            body["format_version"] = version
+
+    rewrite_manifest(bad, change)
+    if checksum != "valid":
+        text = (bad / "manifest.json").read_bytes()
+        at = text.rindex(SELF) + len(SELF)
+        (bad / "manifest.json").write_bytes(text[:at] + b'sha256:abcd"\n}\n')
+    before = inventory(bad)
+    store = CheckpointStore(scratch, keep_last=1, monitor="loss")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CheckpointWarning)
+        for read in (store.latest, store.load, store.checkpoints):
+            with pytest.raises(CheckpointError, match="newer etappe") as err:
+                read()
+            assert type(err.value).__name__ == "NewerFormatError" and "\n" not in str(err.value)
+            assert "upgrade etappe" in str(err.value) and "(format 1)" in str(err.value)
+        with pytest.raises(CheckpointError, match="newer etappe"):
+            store.save(2, {"w": torch.zeros(4), "step": 2})
+    store.save(3, {"w": torch.zeros(4), "step": 3})
+    store.close()
+    assert inventory(bad) == before
+
+
+def test_a_newer_version_under_a_failing_checksum_of_ours_is_corrupt(scratch):
+    store = two_steps(scratch)
+    text = (store.path_for(2) / "manifest.json").read_bytes()
+    (store.path_for(2) / "manifest.json").write_bytes(text.replace(b'"format_version": 1', b'"format_version": 3'))
+    assert_falls_back_to_step_1(scratch)  # one flipped bit (0x31 -> 0x33) is the likelier story
+
+
+def test_a_checksum_mismatch_shows_only_the_recorded_value(scratch):
+    store = two_steps(scratch)
+    bad = store.path_for(2)
+    text = (bad / "manifest.json").read_bytes()
+    at = text.rindex(SELF) + len(SELF)
+    (bad / "manifest.json").write_bytes(text[:at] + b'sha256:abcd"\n}\n')
+    with pytest.raises(CheckpointError, match="checksum mismatch") as err:
+        manifest.read(bad)
+    assert "recorded 'sha256:abcd', content" in str(err.value) and '"' not in str(err.value).split("recorded")[1]
+    (bad / "manifest.json").write_bytes(text[:at] + b'0123"{]garbage' + text[at + 14 :])  # not JSON any more
+    with pytest.raises(CheckpointError) as err:
+        manifest.read(bad)
+    assert type(err.value).__name__ == "CheckpointError" and "{]" not in str(err.value)
+    assert_falls_back_to_step_1(scratch)
+
+
+LOADER_PRUNER = textwrap.dedent(
+    """
+    import sys, torch
+    from etappe.checkpoint import CheckpointStore
+
+    torch.manual_seed(0)
+    net = torch.nn.Linear(16, 4)
+    store = CheckpointStore(sys.argv[1], keep_last=1, keep_best=0, monitor="loss")
+    for step in range(1, int(sys.argv[2]) + 1):
+        store.save(step, {"model": net, "step": step}, {"loss": 1.0 / step})
+        if step == 1:
+            print("started", flush=True)
+    store.close()
+    print("done", flush=True)
+    """
+)
+
+
+def test_load_without_a_path_passes_over_checkpoints_pruned_under_it(scratch):
+    root = scratch / "run"
+    writer = subprocess.Popen([sys.executable, "-c", LOADER_PRUNER, str(root), "400"], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert writer.stdout.readline().strip() == "started"
+        reader = CheckpointStore(root)
+        net = torch.nn.Linear(16, 4)
+        rounds = 0
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            while writer.poll() is None or rounds < 3:
+                assert reader.load(model=net)["step"] >= 1
+                rounds += 1
+    finally:
+        out, _ = writer.communicate(timeout=120)
+    assert writer.returncode == 0 and "done" in out
+
+
+def test_loading_an_explicit_path_that_was_pruned_says_it_is_gone(scratch):
+    store = CheckpointStore(scratch, keep_last=1)
+    save_steps(store, [1])
+    listed = store.latest()
+    save_steps(store, [2])  # prunes step 1
+    store.close()
+    with pytest.raises(CheckpointError) as err:
+        CheckpointStore(scratch).load(listed)
+    assert str(err.value) == (f"{listed}: gone (removed by the run's writer since it was listed?); call store.load() "
+                              "without a path to load the newest checkpoint")
+
+
+@pytest.mark.parametrize("value", ["abc", "0.5", None, [1.0], {"x": 1}])
+def test_a_metric_that_is_not_a_number_is_a_usage_error(scratch, value):
+    from etappe.errors import UsageError
+
+    store = CheckpointStore(scratch)
+    with pytest.raises(UsageError, match="val_loss") as err:
+        store.save(1, {"step": 1}, metrics={"val_loss": value})
+    assert "number" in str(err.value)
+    store.close()
+    assert store.latest() is None
+
+
+@pytest.mark.parametrize("name", ["step-180", "best", "step-0000000180"])
+def test_a_step_folder_under_another_name_fails_verify_and_is_warned_about(scratch, name):
+    store = CheckpointStore(scratch)
+    save_steps(store, [90, 180])
+    store.close()
+    store.path_for(180).rename(scratch / name)
+    report = dict(ck.verify_tree(scratch))
+    assert report[store.path_for(90)] is None
+    assert report[scratch / name] == (f"{scratch / name}: the manifest says step 180, but the folder is named {name}; "
+                                      "a store reads it only as step-00000180")
+    reader = CheckpointStore(scratch)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert reader.latest() == store.path_for(90)
+        assert reader.load()["step"] == 90
+        assert reader.latest() == store.path_for(90)
+    said = [str(w.message) for w in caught if issubclass(w.category, CheckpointWarning)]
+    assert len(said) == 1 and name in said[0] and "step 180" in said[0] and "\n" not in said[0]

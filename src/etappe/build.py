@@ -33,6 +33,10 @@ def make_loss(name: str, data: Dataset) -> nn.Module:
         raise UsageError(
             f"loss {name!r} needs real-valued targets; {data.spec.name!r} has class labels (use cross-entropy)"
         )
+    if name == "bce" and data.spec.num_classes is not None:
+        # BCEWithLogitsLoss needs float targets shaped like the outputs (multi-label 0/1), not one class index each
+        raise UsageError(f"loss 'bce' needs 0/1 targets shaped like the model's outputs; {data.spec.name!r} has one "
+                         "class label per sample (use cross-entropy)")
     return LOSSES[name]()
 
 

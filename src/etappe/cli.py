@@ -118,16 +118,25 @@ def _config_from_args(args: argparse.Namespace, base: dict | None = None) -> tup
 
 
 def _saved_config(run_dir: Path) -> dict | None:
+    """The run's config.json, read without following a link and bounded in size; None if there is none."""
     import json
 
+    from etappe.checkpoint.fsio import read_inside
+
     path = run_dir / "config.json"
-    if not path.is_file():
+    if not run_dir.is_dir():
+        return None
+    content = read_inside(run_dir, "config.json")
+    if content is None:
         return None
     try:
-        saved = json.loads(path.read_bytes())
+        saved = json.loads(content)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise EtappeError(f"{path} is not valid JSON ({exc}); restore it, or start a new run with another "
                           "--run-dir") from None
+    except RecursionError:
+        raise EtappeError(f"{path} nests deeper than Python can read, which no config etappe writes does; restore "
+                          "it, or start a new run with another --run-dir") from None
     if not isinstance(saved, dict):
         raise EtappeError(f"{path} holds a {type(saved).__name__}, expected a JSON object of config keys; restore it, "
                           "or start a new run with another --run-dir")
@@ -248,6 +257,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not data_name:
         raise UsageError(f"{args.path} does not record its data set; pass --data NAME")
     data = load_dataset(data_name, data_dir=args.data_dir or config.get("data_dir"), seed=config.get("seed", 0))
+    _check_input_shape(args.path, config, data_name, tuple(data.spec.input_shape))
     loss_fn = make_loss(config.get("loss", "auto"), data)
     result = evaluate(model, data.test, loss_fn, device=args.device)
     if args.json:
@@ -258,6 +268,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
         acc = f" | accuracy {100 * result['accuracy']:.2f}%" if "accuracy" in result else ""
         print(f"{data_name} test: loss {result['loss']:.4f}{acc} ({result['samples']} samples)")
     return 0
+
+
+def _check_input_shape(path: str, config: dict, data_name: str, found: tuple[int, ...]) -> None:
+    """A data set whose samples are not shaped as the run's were is refused before the model sees them."""
+    spec = config.get("data_spec")
+    recorded = spec.get("input_shape") if isinstance(spec, dict) else None
+    recorded = recorded if recorded is not None else config.get("input_shape")
+    if not isinstance(recorded, (list, tuple)) or not all(isinstance(d, int) for d in recorded):
+        return  # nothing recorded: the model itself will say
+    if tuple(recorded) != found:
+        trained = f" ({config['data']})" if isinstance(config.get("data"), str) else ""
+        raise UsageError(f"{path} takes samples of shape {tuple(recorded)}{trained}; data set {data_name!r} has "
+                         f"samples of shape {found}: evaluate it on a data set shaped like the one it was trained on")
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
@@ -318,6 +341,26 @@ def _shape(text: str) -> tuple[int, ...]:
     if not shape or any(d < 1 for d in shape):
         raise argparse.ArgumentTypeError(f"expected positive sizes like 1,28,28, got {text!r}")
     return shape
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
+    if not (value > 0 and value != float("inf")):  # nan compares false
+        raise argparse.ArgumentTypeError(f"expected a positive finite number like 1e-5, got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number like 5, got {text!r}")
+    return value
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -419,7 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
                      choices=("state-dict", "safetensors", "torchscript", "export", "onnx", "all"),
                      help="state-dict (.pt), safetensors, torchscript, export (torch.export .pt2), onnx, or all")
     exp.add_argument("--out", help="output file (a folder with --format all; default RUN/export/model.<suffix>)")
-    exp.add_argument("--atol", type=float, help="largest max abs difference allowed (default 1e-5 for float32)")
+    exp.add_argument("--atol", type=_positive_float, help="largest max abs difference allowed (default 1e-5 for float32)")
     exp.add_argument("--input-shape", type=_shape, metavar="C,H,W", help="one sample's shape, if not recorded")
     exp.add_argument("--model", help="registry name (or module:factory) for a weights file without config")
     exp.add_argument("--checkpoint", choices=("best", "latest"), default="best", help="which checkpoint of a run")
@@ -430,7 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
     pre = sub.add_parser("predict", help="run a checkpoint or exported model on images, IDX, .npy or CSV files")
     pre.add_argument("model", metavar="MODEL", help="run or checkpoint folder, or an exported file")
     pre.add_argument("inputs", metavar="INPUT", nargs="+", help="images, IDX files, .npy arrays, CSV rows")
-    pre.add_argument("--top", type=int, default=1, metavar="K", help="show the K most probable classes")
+    pre.add_argument("--top", type=_positive_int, default=1, metavar="K", help="show the K most probable classes")
     pre.add_argument("--json", action="store_true", help="print JSON")
     pre.add_argument("--resize", action="store_true", help="resize and convert images to the model's input shape")
     pre.add_argument("--input-shape", type=_shape, metavar="C,H,W", help="one sample's shape, if not recorded")

@@ -131,6 +131,7 @@ RUN_DEFINING = (
     "optimizers",
     "schedulers",
     "loss_fn",
+    "train_data",  # its type, length and, for tensors, a checksum of their bytes (Trainer._derived_config)
 )
 
 # What a key missing from a config saved by an older etappe meant: runs before channels-last trained in NCHW.
@@ -145,6 +146,8 @@ def config_differences(saved: Mapping[str, Any], new: Mapping[str, Any]) -> list
 
     out: list[str] = []
     for key in RUN_DEFINING:
+        if key == "train_data" and key not in saved:  # saved before the data was recorded: nothing to compare
+            continue
         _differences(key, value(saved, key), value(new, key), out)
     return out
 
@@ -164,6 +167,12 @@ def check_resume(where: str | os.PathLike, saved: Mapping[str, Any], new: Mappin
     """The one check every resume passes, the CLI's and the Trainer's: a run-defining difference between the saved
     config and the new one is refused (UsageError) unless ``allow``. Returns the differences (allowed ones)."""
     differences = config_differences(saved, new)
+    changed = _optimizer_type_changes(saved, new)
+    if changed:  # not even when allowed: the saved optimizer state (Adam's moments) does not fit another type's
+        raise UsageError(
+            f"{where} was trained with another type of optimizer ({'; '.join(changed)}); its saved state cannot be "
+            "loaded into that one, even with --allow-config-change (allow_config_change=True). Use a new run folder"
+        )
     if differences and not allow:
         raise UsageError(
             f"{where} was trained with a different config ({'; '.join(differences)}); resuming would make it a "
@@ -171,6 +180,22 @@ def check_resume(where: str | os.PathLike, saved: Mapping[str, Any], new: Mappin
             "(allow_config_change=True in Python)"
         )
     return differences
+
+
+def _optimizer_type_changes(saved: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """``optimizer: 'adam' -> 'sgd'`` (the CLI's config) or ``optimizers.optimizer.type: 'Adam' -> 'SGD'`` (a
+    Trainer's derived one), for each optimizer whose type differs."""
+    out = []
+    if isinstance(saved.get("optimizer"), str) and isinstance(new.get("optimizer"), str) \
+            and saved["optimizer"] != new["optimizer"]:
+        out.append(f"optimizer: {saved['optimizer']!r} -> {new['optimizer']!r}")
+    old_opts, new_opts = saved.get("optimizers"), new.get("optimizers")
+    if isinstance(old_opts, Mapping) and isinstance(new_opts, Mapping):
+        for name in old_opts.keys() & new_opts.keys():
+            a, b = old_opts[name], new_opts[name]
+            if isinstance(a, Mapping) and isinstance(b, Mapping) and a.get("type") != b.get("type"):
+                out.append(f"optimizers.{name}.type: {a.get('type')!r} -> {b.get('type')!r}")
+    return out
 
 
 def read_toml(path: str | Path) -> dict:

@@ -44,6 +44,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from etappe.checkpoint import fsio
+from etappe.checkpoint.errors import TrustError
 from etappe.errors import EtappeError, UsageError
 from etappe.state import unwrap
 
@@ -595,17 +597,18 @@ def _write_sidecar(
             "loaded_in": done.loaded_in,
         },
     }
-    done.sidecar.write_text(json.dumps(meta, indent=2) + "\n")
+    fsio.atomic_write_bytes(done.sidecar, (json.dumps(meta, indent=2) + "\n").encode())
 
 
 def read_sidecar(path: str | Path) -> dict | None:
     """The sidecar of an exported file, or None when there is none."""
     side = sidecar_path(path)
-    if not side.is_file():
+    data = fsio.read_inside(side.parent, side.name)  # never through a link, and bounded in size
+    if data is None:
         return None
     try:
-        meta = json.loads(side.read_text())
-    except (OSError, ValueError, RecursionError) as exc:
+        meta = json.loads(data)
+    except (ValueError, RecursionError) as exc:
         raise EtappeError(f"{side}: cannot read the export sidecar: {_first_line(exc)}; delete it or export "
                           "again") from None
     if not isinstance(meta, dict):
@@ -720,9 +723,10 @@ def _load_checkpoint(path: Path, overrides: dict, trusted: bool) -> tuple[nn.Mod
 
 
 def _read_json(path: Path) -> dict | None:
+    data = fsio.read_inside(path.parent, path.name)  # never through a link, and bounded in size
     try:
-        value = json.loads(path.read_text()) if path.is_file() else None
-    except (OSError, ValueError, RecursionError):
+        value = json.loads(data) if data is not None else None
+    except (ValueError, RecursionError):
         return None
     return value if isinstance(value, dict) else None
 
@@ -759,7 +763,7 @@ def _load_file(path: Path, overrides: dict, trusted: bool) -> tuple[nn.Module, d
         config["data"] = spec.get("name")
     config["format"] = fmt
     if fmt in _PROGRAMS and not trusted:
-        raise UsageError(_PROGRAMS[fmt].format(path=path))
+        raise TrustError(_PROGRAMS[fmt].format(path=path))
     if fmt == "onnx":
         module: nn.Module = _opened(path, "ONNX file", lambda: OnnxModule(path))
         shape = module.input_shape()
@@ -798,8 +802,6 @@ def _opened(path: Path, what: str, load: Any) -> Any:
         raise EtappeError(f"{path}: not a valid {what} ({_first_line(exc)})") from None
 
 
-# ModelProto's fields and their protobuf wire types (0 varint, 2 length-delimited), from onnx.proto
-_ONNX_FIELDS = {1: 0, 2: 2, 3: 2, 4: 2, 5: 0, 6: 2, 7: 2, 8: 2, 14: 2, 20: 2, 25: 2, 26: 2}
 _EXPECTED = ("expected a state dict (torch.save or safetensors), a TorchScript archive, a .pt2 (torch.export) or an "
              "ONNX file")
 
@@ -832,51 +834,12 @@ def detect_format(path: str | Path) -> str:
         return "safetensors"
     if head[0] == 0x80:  # a pickle: torch.save's older, non-zip format
         return "state-dict"
-    problem = _onnx_problem(path, size)
+    problem = legacy.onnx_problem(path, size)
     if problem is None:
         return "onnx"
     if path.name.endswith(".onnx") or head[0] == 0x08:  # ModelProto starts with its ir_version, field 1
         raise EtappeError(f"{path}: not a valid ONNX file ({problem})")
     raise EtappeError(f"{path}: not a model file etappe reads (it starts with 0x{head[:8].hex()}); {_EXPECTED}")
-
-
-def _onnx_problem(path: Path, size: int) -> str | None:
-    """None if ``path`` is an ONNX ModelProto as far as its top-level fields show (each a field ModelProto has, of
-    its wire type, lengths ending exactly at the end of the file, a graph among them); else what is wrong."""
-    import mmap
-
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-        pos, graph = 0, False
-        while pos < size:
-            start = pos
-            key, pos = _varint(m, pos, size)
-            if key is None:
-                return f"truncated at byte {start}"
-            field, wire = key >> 3, key & 7
-            if _ONNX_FIELDS.get(field) != wire:
-                return f"field {field} of wire type {wire} at byte {start} is not part of an ONNX model"
-            value, pos = _varint(m, pos, size)
-            if value is None:
-                return f"truncated at byte {start}"
-            if wire == 2:
-                pos += value
-                if pos > size:
-                    return f"truncated: field {field} at byte {start} runs {pos - size} bytes past the end of the file"
-                graph = graph or field == 7
-    return None if graph else "it holds no graph"
-
-
-def _varint(m: Any, pos: int, size: int) -> tuple[int | None, int]:
-    value = 0
-    for shift in range(0, 70, 7):
-        if pos >= size:
-            return None, pos
-        byte = m[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return value, pos
-    return None, pos
 
 
 def _read_state(path: Path, fmt: str) -> dict:
@@ -906,28 +869,67 @@ def _build(config: dict, overrides: dict, where: str, trusted: bool, state: Mapp
             f"{where} holds weights only; to rebuild the model pass --model NAME and --input-shape C,H,W "
             "(or keep the .json sidecar etappe export writes, or the run's config.json, beside it)"
         )
-    if not isinstance(shape, (list, tuple)) or not all(_positive_int(d) for d in shape):
+    if not isinstance(shape, (list, tuple)) or not shape or not all(_positive_int(d) for d in shape):
         raise UsageError(f"{where}: its config gives input shape {shape!r}, not positive sizes; pass "
                          "--input-shape C,H,W")
+    if math.prod(shape) > MAX_SAMPLE_VALUES:
+        raise UsageError(f"{where}: its config gives input shape {tuple(shape)}, {math.prod(shape)} values per "
+                         f"sample, more than the {MAX_SAMPLE_VALUES} etappe builds a model for; pass --input-shape")
     outputs = overrides["num_outputs"] or spec.get("num_outputs") or config.get("num_outputs")
     if not outputs and state:
         weights = [v for k, v in state.items() if k.endswith("weight") and v.ndim >= 1]
         outputs = int(weights[-1].shape[0]) if weights else None
     if not outputs:
         raise UsageError(f"{where}: cannot tell how many outputs the model has; pass --num-outputs N")
-    if not _positive_int(outputs):
-        raise UsageError(f"{where}: its config gives {outputs!r} outputs, not a positive count; pass --num-outputs N")
+    if not _positive_int(outputs) or outputs > MAX_OUTPUTS:
+        raise UsageError(f"{where}: its config gives {outputs!r} outputs, not a count from 1 to {MAX_OUTPUTS}; "
+                         "pass --num-outputs N")
     kwargs = overrides["model_kwargs"] or config.get("model_kwargs") or {}
     if not isinstance(kwargs, Mapping):
         raise UsageError(f"{where}: its config gives model_kwargs {kwargs!r}; expected keyword arguments (a mapping)")
     kwargs = dict(kwargs)
     config.update(model=name, input_shape=list(shape), num_outputs=int(outputs), model_kwargs=kwargs)
+    if state is not None:
+        _check_fits(name, tuple(shape), int(outputs), kwargs, state, where, config)
     module = models.build(name, tuple(shape), int(outputs), **kwargs)
     if config.get("channels_last"):  # the layout the run trained in: eval then computes exactly as training did
         from etappe.build import to_channels_last
 
         to_channels_last(module)
     return module
+
+
+MAX_SAMPLE_VALUES = 2**26  # values in one input sample a model is built for (a 4096x4096 RGBA image is 2**26)
+MAX_OUTPUTS = 2**24
+
+
+def _check_fits(name: str, shape: tuple[int, ...], outputs: int, kwargs: dict, state: Mapping, where: str,
+                config: dict) -> None:
+    """Build the model on the meta device (no memory) and compare its parameter and buffer shapes with the
+    weights': a config can size a model far beyond its weights, and building that for real could take gigabytes."""
+    from etappe import models
+
+    try:
+        with torch.device("meta"):
+            probe = models.build(name, shape, outputs, **kwargs)
+    except EtappeError:
+        raise
+    except Exception:  # a factory that cannot run on the meta device: the real build reports its own failure
+        return
+    wanted = {k: tuple(v.shape) for k, v in probe.state_dict().items()}
+    given = {k: tuple(v.shape) for k, v in state.items() if torch.is_tensor(v)}
+    missing = [k for k in wanted if k not in given]
+    unexpected = [k for k in given if k not in wanted]
+    differ = [k for k in wanted if k in given and wanted[k] != given[k]]
+    if differ:
+        detail = f"{differ[0]} is {given[differ[0]]} in the weights, {wanted[differ[0]]} in the model"
+    elif missing:
+        detail = f"the weights lack {missing[0]}"
+    elif unexpected:
+        detail = f"the model has no {unexpected[0]}"
+    else:
+        return
+    raise UsageError(f"{where} does not fit model {name!r} with input shape {shape}: {detail}")
 
 
 def _positive_int(x: Any) -> bool:
@@ -955,6 +957,12 @@ def export_path(
     ``input_shape`` differs). ``out`` is the file for one format, a folder for several (default:
     ``RUN/export/model.<suffix>``). ``model`` and ``trusted`` as for ``load_model``."""
     path = Path(path)
+    if path.is_file():
+        fmt = detect_format(path)
+        if fmt in _NOT_EXPORTABLE:
+            raise UsageError(f"{path}: {_NOT_EXPORTABLE[fmt]}, which export does not take: it exports a run, a "
+                             "checkpoint or a weights file (a state dict or .safetensors); run this one with etappe "
+                             "predict, or export again from the run it came from")
     module, config = load_model(path, which=which, model=model, input_shape=input_shape, trusted=trusted)
     spec = dict(config.get("data_spec") or {})
     shape = tuple(input_shape or spec.get("input_shape") or config.get("input_shape") or ())
@@ -969,8 +977,14 @@ def export_path(
     if len(formats) == 1 and out is not None and not Path(out).is_dir():
         return export_many(module, example, {formats[0]: out}, **kw)
     directory = Path(out) if out is not None else _default_export_dir(path)
+    if out is None:
+        fsio.refuse_link(directory, "write into")  # the folder etappe makes inside the run
     stem = "model" if path.is_dir() else path.name.split(".")[0]
     return export_all(module, example, directory, formats, stem=stem, **kw)
+
+
+_NOT_EXPORTABLE = {"onnx": "an ONNX model", "export": "a torch.export program (.pt2)",
+                   "torchscript": "a TorchScript archive"}
 
 
 def _real_inputs(config: dict, shape: tuple[int, ...], samples: int, data_dir: str | None) -> torch.Tensor | None:

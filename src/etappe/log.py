@@ -96,11 +96,15 @@ def write_history(run_dir: Path, history: Any) -> None:
 
 
 def read_history(run_dir: Path) -> list[dict]:
+    """The epochs of a run's metrics.jsonl, read without following a link and bounded in size."""
+    from etappe.checkpoint.fsio import read_inside
+
     path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
+    content = read_inside(Path(run_dir), "metrics.jsonl")
+    if content is None:
         raise EtappeError(f"{path} does not exist; expected a run folder written by etappe train")
     rows = []
-    for number, line in enumerate(path.read_bytes().decode("utf-8", "replace").splitlines(), start=1):
+    for number, line in enumerate(content.decode("utf-8", "replace").splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -131,7 +135,11 @@ def tensorboard_writer(run_dir: Path | None, start_epoch: int) -> Any:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         raise EtappeError("--tensorboard needs the tensorboard package: pip install 'etappe[tensorboard]'") from None
-    return SummaryWriter(log_dir=str(Path(run_dir or "runs") / "tensorboard"), purge_step=start_epoch + 1)
+    from etappe.checkpoint.fsio import refuse_link
+
+    folder = Path(run_dir or "runs") / "tensorboard"
+    refuse_link(folder, "write TensorBoard event files into")  # a link would have them written outside the run
+    return SummaryWriter(log_dir=str(folder), purge_step=start_epoch + 1)
 
 
 def tensorboard_row(writer: Any, row: dict) -> None:

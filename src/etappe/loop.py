@@ -277,6 +277,7 @@ class Trainer:
         self.train_data, self.val_data = train_data, val_data
         self.num_workers, self.seed = num_workers, seed
         self.batches = self._make_batches(train_data, batch_size, seed, shuffle)
+        given_data = self.train_data  # a DataLoader's dataset; before a move to the device
         if isinstance(train_data, TensorData) and step_fn is None:
             self.train_data = train_data.to(self.device) if self.device.type == "cuda" else train_data
             check_shapes(unwrap(self.model), train_data, num_outputs)
@@ -285,7 +286,7 @@ class Trainer:
         self.per_rank = PerRank(self.progress, self.rank, self.world_size)
         # What makes this run this run, saved in every checkpoint and compared on resume: the CLI's config, or
         # what the objects given here say of themselves.
-        self.config = dict(config) if config else self._derived_config()
+        self.config = dict(config) if config else self._derived_config(given_data)
         self._check_monitor(monitor, patience, metrics_fn)
         self.allow_config_change = allow_config_change
         self.save_every, self.save_every_seconds = save_every, save_every_seconds
@@ -479,7 +480,7 @@ class Trainer:
                 f"Ask for {done} or more to continue it, load its checkpoint with etappe.load, or use a new run folder"
             )
 
-    def _derived_config(self) -> dict[str, Any]:
+    def _derived_config(self, train_data: Any) -> dict[str, Any]:
         """The run-defining config of a Trainer made without one, from the objects it was given: what would make a
         resumed run a different run (the optimizers' hyperparameters, the batch size, the seed, ...)."""
         loss = self.loss_fn
@@ -506,6 +507,7 @@ class Trainer:
             "optimizers": {k: optimizer(o) for k, o in self.optimizers.items()},
             "schedulers": {k: scheduler(s) for k, s in self.schedulers.items()},
             "loss_fn": loss_name if loss is not None else None,
+            "train_data": describe_data(train_data),
         }
 
     def _apply_changed_hyperparameters(self, saved: Mapping[str, Any]) -> None:
@@ -554,7 +556,6 @@ class Trainer:
         if self.resumed_from is None:
             self.resume(epochs=epochs)
         self._refuse_fewer_epochs(self.progress.epoch, epochs)
-        writer = log.tensorboard_writer(self.run_dir, self.progress.epoch) if self.tensorboard and self.main else None
         p = self.progress
         if p.finished:
             if not self.quiet:
@@ -563,7 +564,10 @@ class Trainer:
         if self.store is not None and self.main:
             self.store.lock()  # one writer per run folder, from here until close(); a second trainer stops here
         last_save_time = time.monotonic()
+        writer = None
         try:
+            # in the try: a refused tensorboard folder (a link out of the run) lets go of the run folder too
+            writer = log.tensorboard_writer(self.run_dir, p.epoch) if self.tensorboard and self.main else None
             with preemption_guard() as preempt:
                 while p.epoch < epochs:
                     for m in self.models.values():
@@ -724,6 +728,38 @@ def _plain(value: Any) -> Any:
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     return type(value).__qualname__
+
+
+def describe_data(data: Any) -> dict[str, Any]:
+    """What identifies a training set in a run's config: its type and length, and for data held in tensors
+    (TensorData, a TensorDataset, a tensor) an xxh3-128 checksum of their shapes, dtypes and bytes: a changed data
+    set is then refused on resume as a changed lr is. Other datasets compute their samples: they cannot be hashed
+    without reading every sample, so only their type and length are compared."""
+    if isinstance(data, TensorData):
+        tensors, extra = [data.x, data.y], repr(data.input_scale)
+    elif isinstance(data, torch.utils.data.TensorDataset):
+        tensors, extra = list(data.tensors), ""
+    elif torch.is_tensor(data):
+        tensors, extra = [data], ""
+    else:
+        tensors, extra = None, ""
+    checksum = None
+    if tensors is not None:
+        import xxhash
+
+        h = xxhash.xxh3_128()
+        h.update(extra.encode())
+        for t in tensors:
+            t = t.detach()
+            h.update(f"{tuple(t.shape)}{t.dtype};".encode())
+            # in memory at ~20 GB/s: a fraction of a second for data sets that fit in it
+            h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+        checksum = h.hexdigest()
+    try:
+        length = len(data)
+    except TypeError:
+        length = None
+    return {"type": type(data).__qualname__, "length": length, "checksum": checksum}
 
 
 def _batch_len(batch: Any) -> int:

@@ -20,7 +20,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from etappe.errors import UsageError
+from etappe.errors import EtappeError, UsageError
 
 
 class Linear(nn.Module):
@@ -140,9 +140,17 @@ def check_arguments(name: str, factory: Callable[..., nn.Module], kwargs: Mappin
         raise UsageError(f"model {name!r} needs keyword argument {required[0]!r}; pass --model-arg {required[0]}=VALUE")
 
 
-def build(name: str, input_shape: tuple[int, ...], num_outputs: int, **kwargs: object) -> nn.Module:
+def build(name: str, input_shape: tuple[int, ...], num_outputs: int, /, **kwargs: object) -> nn.Module:
     """Build a model by name, sized for ``input_shape`` (one sample, no batch) and ``num_outputs``. Keyword
-    arguments must be ones the factory takes."""
+    arguments must be ones the factory takes; a factory that fails on them (a TypeError, ValueError or
+    RuntimeError while building) is a UsageError naming the model and its arguments."""
     factory = resolve(name)
     check_arguments(name, factory, kwargs)
-    return factory(input_shape=tuple(input_shape), num_outputs=num_outputs, **kwargs)
+    try:
+        return factory(input_shape=tuple(input_shape), num_outputs=num_outputs, **kwargs)
+    except EtappeError:
+        raise
+    except (TypeError, ValueError, RuntimeError) as exc:
+        shown = repr(kwargs) if len(repr(kwargs)) <= 200 else repr(kwargs)[:200] + "..."
+        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise UsageError(f"model {name!r} could not be built with model_kwargs {shown}: {first}") from None

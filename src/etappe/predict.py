@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import math
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -28,6 +29,7 @@ import numpy as np
 from etappe.errors import DataError, UsageError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+MAX_PIXELS = 2**25  # an image's width x height: decoding one allocates several bytes per pixel
 READS = ("images (" + " ".join(IMAGE_SUFFIXES) + "), IDX files (*-ubyte, *.idx, optionally .gz), "
          "NumPy arrays (.npy) and CSV rows (.csv)")
 
@@ -116,6 +118,12 @@ def read_inputs(
 ) -> tuple[np.ndarray, list[str]]:
     """All samples of ``inputs`` as one float32 batch shaped (N, *input_shape), and a label per sample."""
     shape = tuple(int(d) for d in input_shape)
+    if not isinstance(inputs, (str, Path, np.ndarray, list, tuple)):
+        import torch
+
+        if torch.is_tensor(inputs):  # a tensor is one array, as a NumPy array is
+            inputs = inputs.detach().cpu()
+            inputs = (inputs.float() if inputs.dtype == torch.bfloat16 else inputs).numpy()
     if isinstance(inputs, np.ndarray):
         batch, _ = _from_array(inputs, shape, input_scale, "array")
         return batch, [f"array[{i}]" for i in range(len(batch))]
@@ -171,9 +179,14 @@ def _read_image(path: Path, shape: tuple[int, ...], resize: bool) -> np.ndarray:
                          "pass .npy or .csv inputs")
     channels, height, width = shape
     try:
-        img = Image.open(path)
-        img.load()
-    except (OSError, ValueError) as exc:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, in one line
+            img = Image.open(path)  # reads the header only
+            if img.width * img.height > MAX_PIXELS:
+                raise DataError(f"{path}: image is {img.width}x{img.height}, {img.width * img.height} pixels, more "
+                                f"than the {MAX_PIXELS} predict reads; scale it down first")
+            img.load()
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise DataError(f"{path}: cannot read the image: {exc}") from None
     if img.mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
@@ -264,9 +277,19 @@ def _from_array(
 
 def _read_csv(path: Path, shape: tuple[int, ...]) -> tuple[np.ndarray, list[int]]:
     size = math.prod(shape)
+    # A row of ``size`` numbers needs no more characters than this; a longer line is refused before it is split,
+    # so that neither a row of millions of values nor one huge field is ever materialised.
+    longest = size * 40 + 4096
     rows, lines = [], []
     with open(path, newline="") as f:
-        for number, row in enumerate(csv.reader(f), start=1):
+        for number, line in enumerate(iter(lambda: f.readline(longest + 1), ""), start=1):
+            if len(line) > longest:
+                raise UsageError(f"{path}:{number}: expected {size} values per row (one sample shaped "
+                                 f"{_shape_text(shape)}), found a row of more than {longest} characters")
+            try:
+                row = next(csv.reader([line]), [])
+            except csv.Error as exc:
+                raise DataError(f"{path}:{number}: not a CSV row: {exc}") from None
             cells = [c.strip() for c in row if c.strip()]
             if not cells:
                 continue

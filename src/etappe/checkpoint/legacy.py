@@ -22,7 +22,7 @@ import safetensors.torch
 import torch
 
 from etappe.checkpoint import kinds
-from etappe.checkpoint.errors import CheckpointError
+from etappe.checkpoint.errors import CheckpointError, TrustError
 from etappe.errors import UsageError
 
 # A saved key, with these endings or in this table, also answers to the name on the right: load(f, model=net)
@@ -119,14 +119,16 @@ def read_archive_member(path: Path, infos: list[zipfile.ZipInfo], inner: str, li
 
 
 def read(path: Path, *, trusted: bool = False) -> Any:
-    """The object stored in ``path``, opened without running code from the file unless ``trusted``."""
+    """The object stored in ``path``, opened without running code from the file unless ``trusted``. What the file
+    is, is decided by its content alone, never by its name (torch.load itself picks safetensors by the suffix,
+    so it is given an open file)."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
-            head = f.read(9)
+            head = f.read(16)
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read: {e.strerror}") from None
-    if is_safetensors(head, size) or (path.suffix == ".safetensors" and not head.startswith(b"PK")):
+    if is_safetensors(head, size):
         try:
             return safetensors.torch.load_file(path)
         except Exception as e:  # safetensors raises its own SafetensorError for any malformed file
@@ -134,16 +136,25 @@ def read(path: Path, *, trusted: bool = False) -> Any:
     if head.startswith(b"PK"):
         kind = archive_kind(check_archive(path))
         if kind == "torchscript" and not trusted:
-            raise CheckpointError(
+            raise TrustError(
                 f"{path}: a TorchScript archive, which is a program: loading it runs code the file holds. If you "
                 "trust where it came from, pass trusted=True (CLI: --trust); etappe.export.load_model loads it as "
                 "a model"
             )
         if kind == "export":
-            raise CheckpointError(f"{path}: a torch.export program (.pt2), not a checkpoint or state dict; "
-                                  "load it as a model with etappe.export.load_model (trusted=True, CLI: --trust)")
+            raise TrustError(f"{path}: a torch.export program (.pt2), not a checkpoint or state dict; "
+                             "load it as a model with etappe.export.load_model (trusted=True, CLI: --trust)")
+    elif not head.startswith(b"\x80"):  # neither zip nor pickle: torch.load would say something unhelpful
+        what = other_kind(path, head, size)
+        if what:
+            raise CheckpointError(f"{path}: {what}, not a checkpoint; expected an etappe checkpoint folder, a "
+                                  "torch.save file or a .safetensors file (run a model file with etappe predict)")
+        shown = f"it starts with 0x{head[:8].hex()}" if head else "it is empty"
+        raise CheckpointError(f"{path}: not a readable torch.save file ({shown}), so not a checkpoint; expected an "
+                              "etappe checkpoint folder, a torch.save file (.pt, .pth, .tar) or a .safetensors file")
     try:
-        return check_sparse(path, torch.load(path, map_location="cpu", weights_only=not trusted))
+        with open(path, "rb") as f:
+            return check_sparse(path, torch.load(f, map_location="cpu", weights_only=not trusted))
     except pickle.UnpicklingError as e:
         culprit = re.search(r"GLOBAL (\S+)", str(e))
         if trusted or not (culprit or re.search(r"Unsupported (global|class)", str(e))):
@@ -151,7 +162,7 @@ def read(path: Path, *, trusted: bool = False) -> Any:
             reason = detail[1] if detail else _first_line(e)
             raise CheckpointError(f"{path}: not a readable torch.save file: {reason}") from None
         what = f" (it refers to {culprit[1]})" if culprit else ""
-        raise CheckpointError(
+        raise TrustError(
             f"{path}: refused: opening it needs full unpickling{what}, which runs whatever code the file holds. "
             "If you trust where it came from, load it with trusted=True (CLI: --trust); "
             "better, re-save its state_dict()s, which open safely."
@@ -159,6 +170,58 @@ def read(path: Path, *, trusted: bool = False) -> Any:
     except (RuntimeError, EOFError, OSError, KeyError, ValueError, AttributeError, ImportError, IndexError,
             TypeError, struct.error, MemoryError, RecursionError, zipfile.BadZipFile) as e:
         raise CheckpointError(f"{path}: not a readable torch.save file: {_first_line(e)}") from None
+
+
+# ModelProto's fields and their protobuf wire types (0 varint, 2 length-delimited), from onnx.proto
+_ONNX_FIELDS = {1: 0, 2: 2, 3: 2, 4: 2, 5: 0, 6: 2, 7: 2, 8: 2, 14: 2, 20: 2, 25: 2, 26: 2}
+
+
+def onnx_problem(path: Path, size: int) -> str | None:
+    """None if ``path`` is an ONNX ModelProto as far as its top-level fields show (each a field ModelProto has, of
+    its wire type, lengths ending exactly at the end of the file, a graph among them); else what is wrong."""
+    import mmap
+
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        pos, graph = 0, False
+        while pos < size:
+            start = pos
+            key, pos = _varint(m, pos, size)
+            if key is None:
+                return f"truncated at byte {start}"
+            field, wire = key >> 3, key & 7
+            if _ONNX_FIELDS.get(field) != wire:
+                return f"field {field} of wire type {wire} at byte {start} is not part of an ONNX model"
+            value, pos = _varint(m, pos, size)
+            if value is None:
+                return f"truncated at byte {start}"
+            if wire == 2:
+                pos += value
+                if pos > size:
+                    return f"truncated: field {field} at byte {start} runs {pos - size} bytes past the end of the file"
+                graph = graph or field == 7
+    return None if graph else "it holds no graph"
+
+
+def _varint(m: Any, pos: int, size: int) -> tuple[int | None, int]:
+    value = 0
+    for shift in range(0, 70, 7):
+        if pos >= size:
+            return None, pos
+        byte = m[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, pos
+    return None, pos
+
+
+def other_kind(path: Path, head: bytes, size: int) -> str | None:
+    """What a file that is neither a zip archive nor a pickle nor safetensors is, if it is a model file etappe
+    knows of (an ONNX model); None otherwise."""
+    if size and head[:1] == b"\x08":  # ModelProto starts with its ir_version, field 1
+        if onnx_problem(path, size) is None:
+            return "an ONNX model"
+    return None
 
 
 def check_sparse(path: Path, obj: Any) -> Any:
@@ -235,7 +298,9 @@ def load(path: Path, objects: Mapping[str, Any], *, trusted: bool = False) -> di
 
 def verify(path: Path) -> None:
     """Check a plain file as far as it can be checked: the CRC-32 of every member of a torch.save zip archive."""
-    if path.suffix == ".safetensors":
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if is_safetensors(head, path.stat().st_size):
         read(path)
         return
     if not zipfile.is_zipfile(path):

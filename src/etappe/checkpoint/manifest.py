@@ -27,6 +27,9 @@ _SELF = b'"manifest_checksum": "'
 _DIGITS = 32
 SHARDS = "shards-"  # the prefix of the subfolder DCP writes sharded state into (see sharded.py)
 MAX_BYTES = 16 << 20  # a manifest lists files: ~100 bytes each, so this is 160,000 of them; larger is not one
+# state.json holds JSON values only (tensors live in safetensors files): an Adam optimizer's records, every RNG's
+# state and a history of 10,000 epochs make ~2 MB; larger is not one etappe wrote (and parsing costs ~12x its size)
+STATE_MAX_BYTES = 32 << 20
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,255}")  # what etappe and DCP name files; no NUL, no separator, fits any fs
 _HEX = re.compile(r"[0-9a-f]{32}")
 _TAG = "$type"  # codec.TAG: how a metric that is not a finite float is written (nan, inf)
@@ -66,7 +69,9 @@ def write(folder: Path, files: dict[str, tuple[int, str]], state: str, meta: dic
 
 def read(folder: Path, *, step: int | None = None) -> dict[str, Any]:
     """Read, self-check and validate the manifest of checkpoint ``folder``; raise CheckpointError naming what is
-    wrong, or NewerFormatError for a valid manifest of a newer format. ``step``: the manifest must say this step
+    wrong, or NewerFormatError for an etappe manifest whose format_version is not a whole number this etappe reads
+    (such a checkpoint must stop a run, not be fallen back past and overwritten), unless its checksum is one of
+    ours (32 hex digits) that fails: a newer format may checksum differently, a flipped byte breaks ours. ``step``: the manifest must say this step
     (a store's folder ``step-N`` must hold step N, or two folders swapped between names would load as each other).
 
     Every field etappe reads is checked for its type here, so a reader of the result meets no surprise.
@@ -98,28 +103,37 @@ def read(folder: Path, *, step: int | None = None) -> dict[str, Any]:
         raise CheckpointError(f"{path}: cannot read: {e.strerror}") from None
     finally:
         os.close(fd)
-    at = data.rfind(_SELF)
-    if at < 0:
-        raise CheckpointError(f"{path}: no manifest_checksum field (truncated or not an etappe manifest)")
-    at += len(_SELF)
-    found = bytes(data[at : at + _DIGITS]).decode("ascii", "replace")
-    data[at : at + _DIGITS] = b"0" * _DIGITS
-    expected = checksum(data)
-    if found != expected:
-        raise CheckpointError(
-            f"{path}: manifest checksum mismatch (recorded {found}, content hashes to {expected}); the manifest is corrupt"
-        )
     try:
-        body = json.loads(bytes(data))
+        body = json.loads(bytes(data))  # parsed first: a newer format may record its checksum differently
     except (ValueError, RecursionError):
         body = None
-    if not (isinstance(body, dict) and body.get("format") == FORMAT and _whole(body.get("format_version"))):
-        raise CheckpointError(f"{path}: not an etappe checkpoint manifest")
-    if body["format_version"] > FORMAT_VERSION:
-        raise NewerFormatError(
-            f"{path}: written by a newer etappe ({_text(body.get('etappe_version'))}), checkpoint format "
-            f"{body['format_version']}; this etappe reads format {FORMAT_VERSION}: upgrade etappe"
+    at = data.rfind(_SELF)
+    recorded = body.get("manifest_checksum") if isinstance(body, dict) else None
+    found = bytes(data[at + len(_SELF) : at + len(_SELF) + _DIGITS]).decode("ascii", "replace") if at >= 0 else ""
+    if at >= 0:
+        data[at + len(_SELF) : at + len(_SELF) + _DIGITS] = b"0" * _DIGITS
+    expected = checksum(data)
+    intact = at >= 0 and found == expected and (body is None or recorded == expected)
+    if isinstance(body, dict) and body.get("format") == FORMAT:
+        version = body.get("format_version", _MISSING)
+        # a version this etappe does not read stops every reader, whatever the checksum, unless the checksum is one
+        # of ours that fails: then one flipped byte, of the version or anywhere, is the likelier story (corrupt)
+        ours = at >= 0 and isinstance(recorded, str) and _HEX.fullmatch(recorded)  # as we write it, where we do
+        if not (_whole(version) and version <= FORMAT_VERSION) and (intact or not ours):
+            raise NewerFormatError(
+                f"{path}: checkpoint format {_shown(version)} is not one this etappe (format {FORMAT_VERSION}) reads: "
+                "written by a newer etappe (or damaged); upgrade etappe, or move the folder away to resume from an "
+                "older checkpoint"
+            )
+    if at < 0:
+        raise CheckpointError(f"{path}: no manifest_checksum field (truncated or not an etappe manifest)")
+    if not intact:
+        shown = _text(recorded) if isinstance(body, dict) else (found if _HEX.fullmatch(found) else "no 32 hex digits")
+        raise CheckpointError(
+            f"{path}: manifest checksum mismatch (recorded {shown}, content hashes to {expected}); the manifest is corrupt"
         )
+    if not (isinstance(body, dict) and body.get("format") == FORMAT):
+        raise CheckpointError(f"{path}: not an etappe checkpoint manifest")
     problem = _schema_problem(body)
     if problem:
         raise CheckpointError(f"{path}: malformed manifest: {problem}; the file is corrupt or was forged")
@@ -162,6 +176,9 @@ def _schema_problem(body: dict[str, Any]) -> str | None:
     state = body.get("state")
     if not isinstance(state, str) or state not in files or "/" in state:
         return f"the state file {_text(state)} is not one of its files"
+    if files[state]["size"] > STATE_MAX_BYTES:
+        return (f"the state file {state!r} has {files[state]['size']} bytes, more than a checkpoint's state holds "
+                f"(at most {STATE_MAX_BYTES}: tensors live in safetensors files)")
     return None
 
 
@@ -179,6 +196,20 @@ def metric_value(value: Any) -> float | None:
 def metrics_of(body: dict[str, Any]) -> dict[str, float]:
     """The metrics of a manifest ``read`` returned, as floats."""
     return {name: metric_value(value) for name, value in body.get("metrics", {}).items()}
+
+
+_MISSING = object()
+
+
+def _shown(value: Any) -> str:
+    """A format version from a file, on one line: as JSON, or "(none recorded)"."""
+    if value is _MISSING:
+        return "(none recorded)"
+    try:
+        shown = json.dumps(value)
+    except (TypeError, ValueError):
+        shown = repr(value)
+    return shown if len(shown) <= 40 else shown[:37] + "..."
 
 
 def _whole(value: Any) -> bool:

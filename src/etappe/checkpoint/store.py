@@ -5,7 +5,9 @@ renaming a checkpoint out of sight before removing it, and always keeps the chec
 
 One writer per store: the first save (or ``lock()``) takes a lock on the folder, held until ``close()``, and
 only then are leftovers of crashed saves swept. Readers delete nothing, follow no symbolic link out of the
-folder, and take a checkpoint pruned under them in their stride.
+folder (a store folder that is itself a link is refused, for reading and writing alike), and take a checkpoint
+pruned under them in their stride. A folder holding a store's checkpoint under another name than its step's is
+ignored, with a warning.
 
 With ``async_save=True``, ``save`` copies the state into reused memory and returns; one background thread writes
 it with the same commit and then applies retention. Readers (``latest``, ``checkpoints``, ``load``) see only
@@ -28,7 +30,8 @@ from etappe.checkpoint.errors import CheckpointError, CheckpointWarning, NewerFo
 from etappe.errors import UsageError
 
 _STEP = re.compile(r"step-([0-9]+)")
-_RESCANS = 10  # times a reader lists the folder again when every checkpoint it found was pruned meanwhile
+_RESCANS = 1000  # times a reader lists the folder again when every checkpoint it found was pruned meanwhile (each
+# rescan finds the checkpoint that made the writer prune: only a writer saving faster than one read exhausts it)
 
 
 def _step_of(name: str) -> int | None:
@@ -88,6 +91,7 @@ class CheckpointStore:
         self._pool = background.SnapshotPool()
         self._writer = background.Writer()
         self._lock: fsio.Lock | None = None
+        self._warned: set[str] = set()  # folders named unlike a step that a reader ignored and said so
 
     def path_for(self, step: int) -> Path:
         return self.root / f"step-{step:08d}"  # _step_of reads it back
@@ -97,6 +101,7 @@ class CheckpointStore:
         folders of saves that crashed. Raises CheckpointError naming the holder if another writer has it."""
         if self._lock is not None and self._lock.fd is not None:
             return
+        self._refuse_linked_root("save checkpoints in")
         self._lock = fsio.lock_writer(self.root)
         fsio.sweep(self.root, writer=True)
 
@@ -115,7 +120,7 @@ class CheckpointStore:
         """
         if not isinstance(step, int) or step < 0:
             raise UsageError(f"step must be a whole number >= 0, got {step!r}")
-        metrics = {k: float(v) for k, v in (metrics or {}).items()}
+        metrics = {k: _metric(k, v) for k, v in (metrics or {}).items()}
         path = self.path_for(step)
         meta = {"step": step, "metrics": codec.encode(metrics, "metrics")[0]}
         if sharded is not None:
@@ -195,7 +200,7 @@ class CheckpointStore:
         NewerFormatError at one in a newer format: falling back past it would let a run retrain over it."""
         for _ in range(_RESCANS):
             vanished = []
-            found = next(self._verified(reversed(self._candidates()), vanished), None)
+            found = next(self._verified(reversed(self._candidates(warn=True)), vanished), None)
             if found is not None or not vanished:
                 return found
         return None
@@ -211,10 +216,18 @@ class CheckpointStore:
         """``load`` a checkpoint of this store; without ``path``, the latest that verifies (bad ones are skipped
         with a warning, each read only once; one in a newer format raises NewerFormatError)."""
         if path is not None:
-            return folder.load(path, **objects)
+            try:
+                return folder.load(path, **objects)
+            except CheckpointError:
+                if not os.path.lexists(path):
+                    raise CheckpointError(
+                        f"{path}: gone (removed by the run's writer since it was listed?); call store.load() without a "
+                        "path to load the newest checkpoint"
+                    ) from None
+                raise
         for _ in range(_RESCANS):
             vanished = False
-            for candidate, step in reversed(self._candidates()):
+            for candidate, step in reversed(self._candidates(warn=True)):
                 try:
                     entries = folder.read(candidate, step=step)
                 except NewerFormatError:
@@ -230,9 +243,18 @@ class CheckpointStore:
                 break
         raise CheckpointError(f"no valid checkpoint in {self.root}")
 
-    def _candidates(self) -> list[tuple[Path, int]]:
+    def _refuse_linked_root(self, doing: str) -> None:
+        if self.root.is_symlink():
+            raise CheckpointError(
+                f"cannot {doing} {self.root}: it is a symbolic link (to {os.readlink(self.root)}), and etappe never "
+                "reads or writes a run's checkpoints through links; replace the link with the folder itself"
+            )
+
+    def _candidates(self, *, warn: bool = False) -> list[tuple[Path, int]]:
         """The step folders, by step: real folders (a symbolic link is not followed out of the store) named as
-        ``path_for`` names them."""
+        ``path_for`` names them. ``warn``: say once (CheckpointWarning) of each folder ignored for its name that
+        holds a store's checkpoint (a manifest with a step)."""
+        self._refuse_linked_root("read checkpoints from")
         try:
             entries = list(os.scandir(self.root))
         except OSError:
@@ -243,6 +265,11 @@ class CheckpointStore:
             try:
                 if step is not None and entry.is_dir(follow_symlinks=False):
                     found.append((Path(entry.path), step))
+                elif warn and step is None and entry.name not in self._warned and not entry.name.startswith("."):
+                    problem = _misnamed(Path(entry.path))
+                    if problem:
+                        self._warned.add(entry.name)
+                        warnings.warn(f"ignoring {problem}", CheckpointWarning, stacklevel=3)
             except OSError:
                 continue
         return sorted(found, key=lambda pc: pc[1])
@@ -286,11 +313,55 @@ class CheckpointStore:
                 fsio.remove_tree(c.path)
 
 
+def _metric(name: Any, value: Any) -> float:
+    """A metric given to ``save`` as a float; UsageError naming it if it is not a number."""
+    try:
+        if isinstance(value, (str, bytes, bool)) or value is None:
+            raise TypeError
+        return float(value)
+    except (TypeError, ValueError, RuntimeError):
+        shown = repr(value)
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        raise UsageError(
+            f"metric {name!r} must be a number (a float, an int or a one-element tensor), got {shown} "
+            f"({type(value).__name__})"
+        ) from None
+
+
+def _holds_checkpoints(link: Path) -> bool:
+    """Whether the folder a link points to looks like a store or a checkpoint (only its names are listed)."""
+    if link.name == "checkpoints":
+        return True
+    try:
+        names = os.listdir(link)
+    except OSError:
+        return False
+    return manifest.MANIFEST in names or any(_STEP.fullmatch(n) for n in names)
+
+
+def _misnamed(path: Path) -> str | None:
+    """Why a real folder (not a link) holding a store's checkpoint (its manifest records a step) is not read by the
+    store under its name; None if it is named as ``path_for`` names that step, or holds none."""
+    if _step_of(path.name) is not None or path.is_symlink() or not path.is_dir():
+        return None
+    try:
+        body = manifest.read(path)
+    except CheckpointError:
+        return None
+    step = body.get("step")
+    if step is None or path.name == f"step-{step:08d}":
+        return None
+    return (f"{path}: the manifest says step {step}, but the folder is named {path.name}; a store reads it only as "
+            f"step-{step:08d}")
+
+
 def verify_tree(path: str | os.PathLike) -> list[tuple[Path, str | None]]:
     """Verify a checkpoint, a plain checkpoint file, or every checkpoint under a folder (a run, or many runs).
 
-    Returns (path, error message or None) for each, by path. A store's step folder must hold its step; a symbolic
-    link inside the folder is reported, not followed; a checkpoint pruned while this runs is left out. Raises
+    Returns (path, error message or None) for each, by path. A store's step folder must hold its step, and a
+    checkpoint of a store's step must be in the folder named for it; a symbolic link inside the folder that stands
+    for a step folder or a store (and ``path`` itself, unless it is a checkpoint) is reported, not followed; a
+    checkpoint pruned while this runs is left out. Raises
     CheckpointError if there is nothing to check.
     """
     path = Path(path)
@@ -298,14 +369,16 @@ def verify_tree(path: str | os.PathLike) -> list[tuple[Path, str | None]]:
         raise CheckpointError(f"{path}: no such file or folder")
     if path.is_file() or (path / manifest.MANIFEST).exists():
         targets = [path]
+    elif path.is_symlink():
+        return [(path, f"{path}: a symbolic link (to {os.readlink(path)}); not followed")]
     else:
         targets = []
         for here, dirs, _ in os.walk(path):
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
             for d in list(dirs):
-                if Path(here, d).is_symlink():  # not followed: reported if it stands where a store's step would
+                if Path(here, d).is_symlink():  # not followed: reported if it stands for a step or a store
                     dirs.remove(d)
-                    if _STEP.fullmatch(d):
+                    if _STEP.fullmatch(d) or _holds_checkpoints(Path(here, d)):
                         targets.append(Path(here, d))
                 elif (Path(here, d) / manifest.MANIFEST).exists() or _STEP.fullmatch(d):
                     targets.append(Path(here, d))
@@ -319,7 +392,7 @@ def verify_tree(path: str | os.PathLike) -> list[tuple[Path, str | None]]:
             continue
         try:
             folder.verify(target, step=_step_of(target.name))
-            results.append((target, None))
+            results.append((target, _misnamed(target) if target != path else None))
         except CheckpointError as e:
             if target != path and not target.exists():
                 continue  # pruned meanwhile: it was not there to verify
