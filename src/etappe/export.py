@@ -813,12 +813,7 @@ def detect_format(path: str | Path) -> str:
     from etappe.checkpoint import legacy
 
     path = Path(path)
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(16)
-    except OSError as exc:
-        raise EtappeError(f"{path}: cannot read: {exc.strerror}") from None
+    size, head = legacy.sniff(path)
     if not head:
         raise EtappeError(f"{path}: the file is empty; {_EXPECTED}")
     if head.startswith(b"PK"):

@@ -118,16 +118,21 @@ def read_archive_member(path: Path, infos: list[zipfile.ZipInfo], inner: str, li
     return None
 
 
+def sniff(path: Path, n: int = 16) -> tuple[int, bytes]:
+    """A file's size and its first ``n`` bytes, from which its kind is told."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            return size, f.read(n)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read: {e.strerror}") from None
+
+
 def read(path: Path, *, trusted: bool = False) -> Any:
     """The object stored in ``path``, opened without running code from the file unless ``trusted``. What the file
     is, is decided by its content alone, never by its name (torch.load itself picks safetensors by the suffix,
     so it is given an open file)."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(16)
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read: {e.strerror}") from None
+    size, head = sniff(path)
     if is_safetensors(head, size):
         try:
             return safetensors.torch.load_file(path)
