@@ -119,28 +119,12 @@ def _config_from_args(args: argparse.Namespace, base: dict | None = None) -> tup
 
 def _saved_config(run_dir: Path) -> dict | None:
     """The run's config.json, read without following a link and bounded in size; None if there is none."""
-    import json
+    from etappe.checkpoint.fsio import read_json
 
-    from etappe.checkpoint.fsio import read_inside
-
-    path = run_dir / "config.json"
     if not run_dir.is_dir():
         return None
-    content = read_inside(run_dir, "config.json")
-    if content is None:
-        return None
-    try:
-        saved = json.loads(content)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise EtappeError(f"{path} is not valid JSON ({exc}); restore it, or start a new run with another "
-                          "--run-dir") from None
-    except RecursionError:
-        raise EtappeError(f"{path} nests deeper than Python can read, which no config etappe writes does; restore "
-                          "it, or start a new run with another --run-dir") from None
-    if not isinstance(saved, dict):
-        raise EtappeError(f"{path} holds a {type(saved).__name__}, expected a JSON object of config keys; restore it, "
-                          "or start a new run with another --run-dir")
-    return saved
+    return read_json(run_dir, "config.json", "a JSON object of config keys",
+                     "restore it, or start a new run with another --run-dir")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -343,24 +327,18 @@ def _shape(text: str) -> tuple[int, ...]:
     return shape
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
-    if not (value > 0 and value != float("inf")):  # nan compares false
-        raise argparse.ArgumentTypeError(f"expected a positive finite number like 1e-5, got {text!r}")
-    return value
+def _positive(kind: type, what: str, example: str) -> Any:
+    """An argparse type: a number of ``kind`` (int or float) that is positive and finite."""
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid {kind.__name__} value: {text!r}") from None
+        if not (value > 0 and value != float("inf")):  # nan compares false
+            raise argparse.ArgumentTypeError(f"expected a positive {what} like {example}, got {text!r}")
+        return value
 
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive whole number like 5, got {text!r}")
-    return value
+    return parse
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -462,7 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
                      choices=("state-dict", "safetensors", "torchscript", "export", "onnx", "all"),
                      help="state-dict (.pt), safetensors, torchscript, export (torch.export .pt2), onnx, or all")
     exp.add_argument("--out", help="output file (a folder with --format all; default RUN/export/model.<suffix>)")
-    exp.add_argument("--atol", type=_positive_float, help="largest max abs difference allowed (default 1e-5 for float32)")
+    exp.add_argument("--atol", type=_positive(float, "finite number", "1e-5"), help="largest max abs difference allowed (default 1e-5 for float32)")
     exp.add_argument("--input-shape", type=_shape, metavar="C,H,W", help="one sample's shape, if not recorded")
     exp.add_argument("--model", help="registry name (or module:factory) for a weights file without config")
     exp.add_argument("--checkpoint", choices=("best", "latest"), default="best", help="which checkpoint of a run")
@@ -473,7 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
     pre = sub.add_parser("predict", help="run a checkpoint or exported model on images, IDX, .npy or CSV files")
     pre.add_argument("model", metavar="MODEL", help="run or checkpoint folder, or an exported file")
     pre.add_argument("inputs", metavar="INPUT", nargs="+", help="images, IDX files, .npy arrays, CSV rows")
-    pre.add_argument("--top", type=_positive_int, default=1, metavar="K", help="show the K most probable classes")
+    pre.add_argument("--top", type=_positive(int, "whole number", "5"), default=1, metavar="K", help="show the K most probable classes")
     pre.add_argument("--json", action="store_true", help="print JSON")
     pre.add_argument("--resize", action="store_true", help="resize and convert images to the model's input shape")
     pre.add_argument("--input-shape", type=_shape, metavar="C,H,W", help="one sample's shape, if not recorded")

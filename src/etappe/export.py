@@ -603,18 +603,7 @@ def _write_sidecar(
 def read_sidecar(path: str | Path) -> dict | None:
     """The sidecar of an exported file, or None when there is none."""
     side = sidecar_path(path)
-    data = fsio.read_inside(side.parent, side.name)  # never through a link, and bounded in size
-    if data is None:
-        return None
-    try:
-        meta = json.loads(data)
-    except (ValueError, RecursionError) as exc:
-        raise EtappeError(f"{side}: cannot read the export sidecar: {_first_line(exc)}; delete it or export "
-                          "again") from None
-    if not isinstance(meta, dict):
-        raise EtappeError(f"{side}: expected an export sidecar (a JSON object), found {type(meta).__name__}; "
-                          "delete it or export again")
-    return meta
+    return fsio.read_json(side.parent, side.name, "an export sidecar (a JSON object)", "delete it or export again")
 
 
 # ---------------------------------------------------------------- loading models back

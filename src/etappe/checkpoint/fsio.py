@@ -8,6 +8,7 @@ process ends. A store's one writer holds a lock on the store's folder too (``loc
 """
 
 import errno
+import json
 import mmap
 import os
 import re
@@ -286,6 +287,26 @@ def read_inside(folder: Path, name: str, limit: int = SMALL_FILE_LIMIT) -> bytes
         raise CheckpointError(f"{Path(folder, name)}: cannot read: {e.strerror}") from None
     finally:
         os.close(fd)
+
+
+def read_json(folder: Path, name: str, what: str, fix: str) -> dict | None:
+    """File ``name`` of ``folder`` (a run's config.json, an export's sidecar) as a JSON object, read as
+    ``read_inside`` reads; None if it does not exist. CheckpointError, saying ``what`` was expected and ``fix``,
+    if it is not a JSON object."""
+    data = read_inside(folder, name)
+    if data is None:
+        return None
+    path = Path(folder, name)
+    try:
+        value = json.loads(data)
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+        raise CheckpointError(f"{path} is not valid JSON ({str(e)[:200]}); {fix}") from None
+    except RecursionError:
+        raise CheckpointError(f"{path} nests deeper than Python can read, which no file etappe writes does; "
+                              f"{fix}") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path} holds a {type(value).__name__}, expected {what}; {fix}")
+    return value
 
 
 def map_fd(fd: int, size: int, where: Path) -> mmap.mmap | bytes | bytearray:
