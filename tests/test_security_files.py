@@ -27,7 +27,7 @@ from torch import nn
 
 import etappe
 from etappe import cli, models
-from etappe.checkpoint import legacy
+from etappe.checkpoint import torchsave
 from etappe.config import TrainConfig
 from etappe.data import read_idx
 from etappe.errors import EtappeError, UsageError
@@ -244,7 +244,7 @@ def test_sparse_tensors_with_out_of_range_indices_are_refused(tmp_path, which, c
     path = tmp_path / "sparse.pt"
     torch.save({which: _bad_sparse()[which]}, path)
     with pytest.raises(EtappeError, match=r"sparse.*(index|indices)"):
-        legacy.read(path)
+        torchsave.read(path)
     with pytest.raises(EtappeError, match="sparse"):
         etappe.load(path)
     with pytest.raises(EtappeError, match="sparse"):
@@ -254,7 +254,7 @@ def test_sparse_tensors_with_out_of_range_indices_are_refused(tmp_path, which, c
 
 def test_a_valid_sparse_tensor_still_loads(tmp_path):
     torch.save({"s": torch.eye(3).to_sparse()}, tmp_path / "ok.pt")
-    assert torch.equal(legacy.read(tmp_path / "ok.pt")["s"].to_dense(), torch.eye(3))
+    assert torch.equal(torchsave.read(tmp_path / "ok.pt")["s"].to_dense(), torch.eye(3))
 
 
 @pytest.mark.parametrize("which", ["weight", "csr"])
@@ -416,20 +416,20 @@ def test_read_idx_reads_no_more_than_the_header_declares(bombs, tmp_path):
 def test_zip_members_are_checked_before_anything_is_read(tmp_path):
     path = tmp_path / "w.pt"
     torch.save({"w": torch.ones(3)}, path)
-    legacy.check_archive(path)  # what torch.save writes passes
+    torchsave.check_archive(path)  # what torch.save writes passes
     with zipfile.ZipFile(path) as z:
         members = {i.filename: z.read(i) for i in z.infolist()}
     with zipfile.ZipFile(tmp_path / "deflated.pt", "w", zipfile.ZIP_DEFLATED) as z:
         for name, data in members.items():
             z.writestr(name, data)
     with pytest.raises(EtappeError, match="compress"):
-        legacy.read(tmp_path / "deflated.pt")
+        torchsave.read(tmp_path / "deflated.pt")
     overlapping = bytearray(path.read_bytes())  # a member declaring more bytes than the whole file has
     end = overlapping.rfind(b"PK\x01\x02")
     struct.pack_into("<II", overlapping, end + 20, 2**31, 2**31)
     (tmp_path / "big.pt").write_bytes(overlapping)
     with pytest.raises(EtappeError, match="w.pt|big.pt"):
-        legacy.read(tmp_path / "big.pt")
+        torchsave.read(tmp_path / "big.pt")
 
 
 # ------------------------------------------------------------------ 13: garbage and truncated model files

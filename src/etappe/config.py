@@ -28,6 +28,11 @@ STRATEGIES = ("ddp", "fsdp")
 METRICS = ("val_loss", "val_accuracy", "train_loss")
 
 
+def monitor_mode(monitor: str) -> str:
+    """Whether a higher (``max``: an accuracy) or lower (``min``: a loss) value of a metric is better."""
+    return "max" if "acc" in monitor else "min"
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything ``etappe train`` needs. The defaults train the seed CNN on the embedded ``digits`` set."""

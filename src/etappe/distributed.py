@@ -11,12 +11,17 @@ import torch
 import torch.distributed as dist
 
 
+def active() -> bool:
+    """Whether this process is in a process group (torchrun's, joined by ``init_from_env``)."""
+    return dist.is_available() and dist.is_initialized()
+
+
 def world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
+    return dist.get_world_size() if active() else int(os.environ.get("WORLD_SIZE", 1))
 
 
 def rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else int(os.environ.get("RANK", 0))
+    return dist.get_rank() if active() else int(os.environ.get("RANK", 0))
 
 
 def local_rank() -> int:
@@ -33,8 +38,8 @@ def launched_by_torchrun() -> bool:
 
 def init_from_env(device: torch.device) -> bool:
     """Join the process group torchrun describes (NCCL on CUDA, gloo on CPU). Returns whether one was joined."""
-    if not launched_by_torchrun() or int(os.environ.get("WORLD_SIZE", 1)) == 1 or dist.is_initialized():
-        return dist.is_initialized()
+    if not launched_by_torchrun() or int(os.environ.get("WORLD_SIZE", 1)) == 1 or active():
+        return active()
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(local_rank())
@@ -58,13 +63,13 @@ def shard(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
 
 
 def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if active():
         dist.barrier()
 
 
 def all_reduce_sum(values: list[float]) -> list[float]:
     """Sum a few numbers over all ranks (float64, so sums of sample-weighted losses stay exact enough)."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not active():
         return values
     t = torch.tensor(values, dtype=torch.float64)
     dist.all_reduce(t)
@@ -74,7 +79,7 @@ def all_reduce_sum(values: list[float]) -> list[float]:
 def shutdown(clean: bool = True) -> None:
     """Leave the process group. After a clean finish the ranks leave together (one that leaves while the others
     still talk to it can hang them); after a failure this rank just goes, and torchrun stops the rest."""
-    if dist.is_available() and dist.is_initialized():
+    if active():
         if clean:
             dist.barrier()
         dist.destroy_process_group()
@@ -82,7 +87,7 @@ def shutdown(clean: bool = True) -> None:
 
 def all_gather_object(obj: object) -> list:
     """Every rank's ``obj``, in rank order (a list of one outside a process group)."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not active():
         return [obj]
     out: list = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
@@ -91,7 +96,7 @@ def all_gather_object(obj: object) -> list:
 
 def broadcast_object(obj: object) -> object:
     """Rank 0's ``obj`` on every rank (``obj`` itself outside a process group)."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not active():
         return obj
     box = [obj]
     dist.broadcast_object_list(box, src=0)
@@ -100,7 +105,7 @@ def broadcast_object(obj: object) -> object:
 
 def any_rank(*flags: bool) -> list[bool]:
     """For each flag, whether it is true on any rank, so every rank takes the same branch."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not active():
         return list(flags)
     t = torch.tensor([float(f) for f in flags])
     dist.all_reduce(t, op=dist.ReduceOp.MAX)

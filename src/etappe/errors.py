@@ -23,3 +23,10 @@ class DataError(EtappeError):
 
 class TrainingError(EtappeError):
     """Training cannot go on (a non-finite loss, a failed save)."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first non-blank line of an exception's message (its type's name when it has none): what a one-line
+    error quotes of a library's multi-line one."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__

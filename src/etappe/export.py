@@ -799,26 +799,26 @@ def detect_format(path: str | Path) -> str:
     """What model file ``path`` is, from its content alone (never its name or a sidecar): 'torchscript',
     'export' (.pt2), 'onnx', 'safetensors' or 'state-dict' (a torch.save file). A zip archive's members are
     checked (uncompressed, within the file) before anything in it is read. Raises EtappeError for anything else."""
-    from etappe.checkpoint import legacy
+    from etappe.checkpoint import torchsave
 
     path = Path(path)
-    size, head = legacy.sniff(path)
+    size, head = torchsave.sniff(path)
     if not head:
         raise EtappeError(f"{path}: the file is empty; {_EXPECTED}")
     if head.startswith(b"PK"):
-        infos = legacy.check_archive(path, "model file")
-        kind = legacy.archive_kind(infos)
-        if kind == "export" and legacy.read_archive_member(path, infos, "archive_format") != b"pt2":
+        infos = torchsave.check_archive(path, "model file")
+        kind = torchsave.archive_kind(infos)
+        if kind == "export" and torchsave.read_archive_member(path, infos, "archive_format") != b"pt2":
             kind = None
         if kind is None:
             raise EtappeError(f"{path}: a zip archive, but not one torch.save, TorchScript or torch.export writes; "
                               + _EXPECTED)
         return "state-dict" if kind == "torch.save" else kind
-    if legacy.is_safetensors(head, size):
+    if torchsave.is_safetensors(head, size):
         return "safetensors"
     if head[0] == 0x80:  # a pickle: torch.save's older, non-zip format
         return "state-dict"
-    problem = legacy.onnx_problem(path, size)
+    problem = torchsave.onnx_problem(path, size)
     if problem is None:
         return "onnx"
     if path.name.endswith(".onnx") or head[0] == 0x08:  # ModelProto starts with its ir_version, field 1
@@ -827,9 +827,9 @@ def detect_format(path: str | Path) -> str:
 
 
 def _read_state(path: Path, fmt: str) -> dict:
-    from etappe.checkpoint import legacy
+    from etappe.checkpoint import torchsave
 
-    state = legacy.read(path)  # weights only: checked archive, no pickled objects, sparse tensors checked
+    state = torchsave.read(path)  # weights only: checked archive, no pickled objects, sparse tensors checked
     if isinstance(state, Mapping):
         for key in ("model_state_dict", "state_dict", "model"):  # common wrappers around a state dict
             if isinstance(state.get(key), Mapping):

@@ -7,7 +7,9 @@ history, the random generators) and ``unwrap`` for wrapped modules.
 from __future__ import annotations
 
 import random
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -58,9 +60,6 @@ class History:
 
     def __getitem__(self, i: int) -> dict:
         return self.epochs[i]
-
-    def column(self, key: str) -> list:
-        return [row.get(key) for row in self.epochs]
 
     def state_dict(self) -> dict:
         return {"epochs": [dict(row) for row in self.epochs]}
@@ -152,6 +151,25 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed % 2**64)  # torch takes 64 bits (a negative seed means this too); a derived seed may be more
+
+
+def derive_seed(seed: int, *parts: int) -> int:
+    """A seed for one part of a run (an epoch's order, a batch's augmentation) from the run's seed and the part's
+    numbers: the same parts give the same seed wherever the run was resumed and whichever worker asks."""
+    for part in parts:
+        seed = seed * 1_000_003 + part
+    return seed
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode for the block, then back in the mode it was in, whatever happens in the block."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

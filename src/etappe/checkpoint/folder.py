@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from etappe.checkpoint import codec, fsio, kinds, legacy, manifest, sharded, tensorfile
+from etappe.checkpoint import codec, fsio, kinds, manifest, sharded, tensorfile, torchsave
 from etappe.checkpoint.errors import CheckpointError, NewerFormatError
 from etappe.errors import UsageError
 
@@ -48,7 +48,7 @@ def load(path: str | os.PathLike, /, *, trusted: bool = False, **objects: Any) -
     """
     path = Path(path)
     if path.is_file():
-        return legacy.load(path, objects, trusted=trusted)
+        return torchsave.load(path, objects, trusted=trusted)
     return restore(path, read(path), objects)
 
 
@@ -60,7 +60,7 @@ def verify(path: str | os.PathLike, *, step: int | None = None) -> None:
     """
     path = Path(path)
     if path.is_file():
-        return legacy.verify(path)
+        return torchsave.verify(path)
     read(path, step=step)  # the pass over every byte that the checksums need, and the parse a load would do
 
 

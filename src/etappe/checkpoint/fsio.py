@@ -81,6 +81,27 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes | memoryview) -> Non
         raise
 
 
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path beside ``path`` to write a file to (by any writer: torch.onnx, matplotlib, ...). When the
+    block ends without an error the file is fsynced and renamed onto ``path``; otherwise it is removed, and
+    ``path`` keeps what it held. A link at ``path`` is refused, not written through."""
+    path = Path(path)
+    refuse_link(path, "write")
+    tmp = temp_path(path)
+    try:
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        replace(tmp, path)
+    except BaseException:
+        remove_quietly(tmp)
+        raise
+
+
 # Bytes hashed at a time, each while still in cache: then written (small files) or copied on (large ones).
 # 2 MB beat 8 MB and whole tensors here, and a foreground that trains meanwhile keeps more of its cache.
 PIECE = 2 << 20

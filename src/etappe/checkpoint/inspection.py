@@ -2,8 +2,8 @@
 model's parameter count, each optimizer's type, hyperparameters and state size, schedulers, counters, metrics.
 
 Works from headers and JSON alone for etappe checkpoints (no tensor data is read), and on plain torch.save
-and .safetensors files, read as ``legacy.read`` reads them: nothing in the file runs, and nothing in it is
-decompressed (see ``legacy.check_archive``).
+and .safetensors files, read as ``torchsave.read`` reads them: nothing in the file runs, and nothing in it is
+decompressed (see ``torchsave.check_archive``).
 """
 
 import json
@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from etappe.checkpoint import codec, folder, kinds, legacy, manifest, sharded, tensorfile
+from etappe.checkpoint import codec, folder, kinds, manifest, sharded, tensorfile, torchsave
 from etappe.checkpoint.errors import CheckpointError
 
 _BUFFERS = ("running_mean", "running_var", "num_batches_tracked")  # in a module state_dict, not parameters
@@ -97,14 +97,14 @@ def format_inspection(info: Mapping[str, Any]) -> str:
 
 
 def _inspect_file(path: Path, trusted: bool) -> dict[str, Any]:
-    # legacy.read decides what the file is from its content, checks a zip archive's members before reading any,
+    # torchsave.read decides what the file is from its content, checks a zip archive's members before reading any,
     # refuses TorchScript unless trusted and .pt2 programs always, and checks sparse tensors
-    content = legacy.read(path, trusted=trusted)
+    content = torchsave.read(path, trusted=trusted)
     with open(path, "rb") as f:
         head = f.read(9)
-    fmt = "safetensors" if legacy.is_safetensors(head, path.stat().st_size) else "torch.save"
+    fmt = "safetensors" if torchsave.is_safetensors(head, path.stat().st_size) else "torch.save"
     info: dict[str, Any] = {"path": str(path), "format": fmt, "bytes": path.stat().st_size, "entries": []}
-    for name, value in legacy.entries(content).items():
+    for name, value in torchsave.entries(content).items():
         typ = None
         if kinds.is_stateful(value):  # a whole pickled object, from a trusted file
             typ, value = kinds.type_name(value), value.state_dict()

@@ -9,7 +9,7 @@ ranks, or into a plain model in one process.
 DCP keeps its metadata as a pickle, and small values (an optimizer's param groups) as ``torch.save`` blobs that
 its load planners unpickle fully. Here the metadata is read by an unpickler that only builds DCP's own metadata
 classes (and torch.Size, dtypes, layouts, paths) and never sets state on a class; the values by planners that use
-``torch.load(weights_only=True)``, with every sparse tensor checked against its invariants as ``legacy.read``
+``torch.load(weights_only=True)``, with every sparse tensor checked against its invariants as ``torchsave.read``
 checks them; and only files the manifest lists are read. Anything else is refused, never run.
 """
 
@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from etappe.checkpoint import fsio, kinds, legacy, manifest
+from etappe.checkpoint import fsio, kinds, manifest, torchsave
 from etappe.checkpoint.errors import CheckpointError
 from etappe.errors import UsageError
 
@@ -433,7 +433,7 @@ def _make_classes():
                 raise CheckpointError(f"{self.where}: refusing to load a value of the shards: {_one_line(e)}") from None
             stored = (getattr(self.metadata, "storage_data", None) or {}).get(read_item.storage_index)
             file = getattr(stored, "relative_path", None)
-            legacy.check_sparse(self.where / file if isinstance(file, str) else self.where, obj)
+            torchsave.check_sparse(self.where / file if isinstance(file, str) else self.where, obj)
             if self.flatten_state_dict:
                 from torch.distributed.checkpoint._traverse import set_element
 
