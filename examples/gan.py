@@ -38,7 +38,7 @@ def main(epochs: int = 30, run_dir: str | None = None) -> float:
         return {"loss": loss_G, "loss_D": loss_D}
 
     run_dir = run_dir or tempfile.mkdtemp(prefix="etappe-gan-")
-    trainer = etappe.Trainer(models={"G": G, "D": D}, optimizers={"opt_G": opt_G, "opt_D": opt_D}, step_fn=step,
+    trainer = etappe.Trainer({"G": G, "D": D}, {"opt_G": opt_G, "opt_D": opt_D}, step_fn=step,
                              train_data=real, batch_size=64, run_dir=run_dir, progress=False, quiet=True)
     trainer.fit(epochs)
     with torch.no_grad():

@@ -12,7 +12,8 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from etappe.checkpoint import CheckpointError
-from etappe.checkpoint.sharded import SafeReader, Shards, materialize
+from etappe.checkpoint.safe_dcp import SafeReader
+from etappe.checkpoint.sharded import Shards, materialize
 
 
 class Evil:

@@ -15,7 +15,7 @@ from torch import nn
 
 from etappe import models
 from etappe.data import load_dataset
-from etappe.errors import UsageError
+from etappe.errors import EtappeError, UsageError
 from etappe.export import (
     FORMATS,
     ExportError,
@@ -281,10 +281,35 @@ class Noisy(nn.Module):
 def test_a_file_that_does_not_match_is_removed_with_the_figure_in_the_error(tmp_path):
     path = tmp_path / "noisy.pt"
     with pytest.raises(ExportError, match=r"format 'state-dict': .*noisy.pt does not compute what the model does: "
-                       r"max abs diff \S+ > atol 1e-05 on 17 seeded random inputs .*; file removed"):
+                       r"max abs diff \S+ > atol 1e-05 on 17 seeded random inputs .*; not written"):
         export(Noisy(), torch.randn(16, 4), path)
     assert not path.exists() and not (tmp_path / "noisy.pt.json").exists()
     assert export(Noisy(), torch.randn(16, 4), path, atol=10.0).max_abs_diff <= 10.0  # --atol loosens it
+
+
+class Interrupted(nn.Linear):
+    """Ctrl-C while the file is being written (state_dict is what the state-dict writer calls first)."""
+
+    def state_dict(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN201
+        raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("fmt, failing, raises", [
+    ("state-dict", Noisy, ExportError),  # parity fails, checked in this process
+    ("torchscript", Noisy, ExportError),  # parity fails, checked in the fresh process
+    ("onnx", Bessel, ExportError),  # the writer fails
+    ("state-dict", Interrupted, KeyboardInterrupt),  # interrupted mid-write
+])
+def test_a_failed_export_keeps_the_previous_file_and_its_sidecar(tmp_path, fmt, failing, raises):
+    torch.manual_seed(0)
+    path = tmp_path / f"m{FORMATS[fmt]}"
+    good = export(nn.Linear(4, 2), torch.randn(3, 4), path)
+    before = {p.name: p.read_bytes() for p in (path, good.sidecar)}
+    failing = failing(4, 2) if failing is Interrupted else failing()
+    with pytest.raises(raises):
+        export(failing, torch.randn(3, 4), path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # byte for byte, and no temporary file
+    assert read_sidecar(path)["file"] == path.name  # the final name, not the temporary one that was checked
 
 
 def test_bad_arguments_are_one_line_errors(tmp_path):
@@ -303,6 +328,14 @@ def test_bad_arguments_are_one_line_errors(tmp_path):
     assert config["num_outputs"] == 10  # read off the last weight
     with pytest.raises(UsageError, match=r"does not fit model 'cnn' with input shape \(1, 8, 8\)"):
         load_model(tmp_path / "weights.pt", model="cnn", input_shape=(1, 8, 8))
+
+
+def test_a_damaged_config_json_beside_weights_is_a_one_line_error_not_ignored(tmp_path):
+    torch.save(models.build("linear", (1, 8, 8), 10).state_dict(), tmp_path / "weights.pt")
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(EtappeError, match=r"config.json is not valid JSON .*; restore it") as err:
+        load_model(tmp_path / "weights.pt", model="linear", input_shape=(1, 8, 8))
+    assert "\n" not in str(err.value)
 
 
 def test_a_model_on_another_device_or_wrapped_is_exported_unwrapped(tmp_path):

@@ -118,7 +118,7 @@ def test_custom_step_for_two_models_and_two_optimizers():
         return {"loss": loss_G, "loss_D": loss_D}
 
     g_before = G.weight.detach().clone()
-    history = Trainer(models={"G": G, "D": D}, optimizers={"opt_G": opt_G, "opt_D": opt_D}, step_fn=step,
+    history = Trainer({"G": G, "D": D}, {"opt_G": opt_G, "opt_D": opt_D}, step_fn=step,
                       train_data=data, batch_size=16, progress=False, quiet=True).fit(2)
     assert len(seen_modes) == 8 and all(m == (True, True) for m in seen_modes)
     assert "train_loss_D" in history[-1] and math.isfinite(history[-1]["train_loss"])
@@ -152,7 +152,7 @@ def test_unwritable_run_folder_fails_before_training(tmp_path):
     model = nn.Linear(4, 3)
     with pytest.raises(EtappeError, match="cannot write to the run folder"):
         Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), nn.CrossEntropyLoss(),
-                train_data=small_classification(), run_dir=blocker / "run", progress=False, quiet=True)
+                train_data=small_classification(), run_dir=blocker / "run", progress=False, quiet=True).fit(1)
 
 
 def test_early_stopping_stops_and_stays_stopped_on_resume(tmp_path):
@@ -168,4 +168,109 @@ def test_early_stopping_stops_and_stays_stopped_on_resume(tmp_path):
     history = trainer().fit(10)
     assert len(history) == 3  # best at epoch 1, then two epochs without improvement
     again = trainer()
-    assert len(again.fit(10)) == 3 and again.progress.finished and again.progress.epochs_without_improvement == 2
+    assert len(again.fit(10)) == 3 and again.progress.stopped_early and again.progress.epochs_without_improvement == 2
+
+
+# ------------------------------------------------------------------ options, one step path, setup in fit
+
+from dataclasses import fields as _fields  # noqa: E402
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from etappe.config import LoopOptions, SaveOptions, ShowOptions, TrainConfig  # noqa: E402
+from etappe.loop import SupervisedStep  # noqa: E402
+
+OPTION_VALUES = {
+    "batch_size": st.integers(1, 64), "shuffle": st.booleans(), "seed": st.integers(0, 2**32 - 1),
+    "num_workers": st.integers(0, 4), "clip_grad_norm": st.none() | st.floats(0.01, 10),
+    "scheduler_interval": st.sampled_from(["epoch", "step"]), "device": st.sampled_from(["auto", "cpu"]),
+    "deterministic": st.none() | st.booleans(), "monitor": st.sampled_from(["val_loss", "train_loss"]),
+    "patience": st.none() | st.integers(1, 9), "run_dir": st.none() | st.sampled_from(["runs/a", "b"]),
+    "save_every": st.none() | st.integers(1, 99), "save_every_seconds": st.none() | st.floats(0.5, 99),
+    "keep_last": st.integers(0, 5), "keep_best": st.integers(0, 5), "async_save": st.booleans(),
+    "progress": st.booleans(), "quiet": st.booleans(), "tensorboard": st.booleans(),
+}
+
+
+def test_every_option_has_a_strategy_here_and_the_config_takes_its_defaults_from_the_options():
+    names = {f.name for cls in (LoopOptions, SaveOptions, ShowOptions) for f in _fields(cls)}
+    assert names == set(OPTION_VALUES)
+    config = TrainConfig()
+    for cls in (LoopOptions, SaveOptions, ShowOptions):
+        assert config.options(cls) == cls()  # the CLI's defaults are the Trainer's
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.fixed_dictionaries({}, optional=OPTION_VALUES))
+def test_options_given_as_keywords_are_the_option_objects_with_those_fields(chosen):
+    data = small_classification()
+    model = nn.Linear(4, 3)
+    t = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), nn.CrossEntropyLoss(), train_data=data,
+                val_data=data, **chosen)
+
+    def pick(cls):
+        return cls(**{k: v for k, v in chosen.items() if k in {f.name for f in _fields(cls)}})
+
+    assert (t.loop, t.saving, t.show) == (pick(LoopOptions), pick(SaveOptions), pick(ShowOptions))
+    # on top of given option objects, the keywords win field by field
+    base = LoopOptions(batch_size=3, seed=7)
+    t = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), nn.CrossEntropyLoss(), train_data=data,
+                val_data=data, loop=base, **chosen)
+    loop_keys = {k: v for k, v in chosen.items() if k in {f.name for f in _fields(LoopOptions)}}
+    assert t.loop == LoopOptions(**{**{"batch_size": 3, "seed": 7}, **loop_keys})
+
+
+def test_unknown_and_bad_options_are_one_line_errors_naming_the_keyword():
+    model = nn.Linear(4, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(UsageError, match=r"unknown options batchsize; its options are: batch_size, "):
+        Trainer(model, opt, nn.CrossEntropyLoss(), train_data=small_classification(), batchsize=8)
+    with pytest.raises(UsageError, match=r"^keep_last=-1 is not valid; expected an integer, 0 or more$"):
+        Trainer(model, opt, nn.CrossEntropyLoss(), train_data=small_classification(), keep_last=-1)
+    with pytest.raises(UsageError, match=r"^batch_size=0 is not valid"):
+        LoopOptions(batch_size=0)
+
+
+def test_the_default_step_is_the_supervised_step_given_as_a_step_fn():
+    data = small_classification(n=64)
+
+    def trained(step_fn_given):
+        torch.manual_seed(0)
+        model = nn.Linear(4, 3)
+        opt = torch.optim.Adam(model.parameters(), lr=0.05)
+        loss = nn.CrossEntropyLoss()
+        step = SupervisedStep(model, opt, loss, clip_grad_norm=0.5) if step_fn_given else None
+        Trainer(model, opt, loss, train_data=data, batch_size=8, clip_grad_norm=0.5, step_fn=step,
+                progress=False, quiet=True).fit(3)
+        return model.state_dict(), opt.state_dict()["state"]
+
+    (w1, s1), (w2, s2) = trained(False), trained(True)
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)
+    assert all(torch.equal(s1[i]["exp_avg"], s2[i]["exp_avg"]) for i in s1)
+
+
+def test_constructing_a_trainer_writes_nothing_and_fit_sets_up_the_run(tmp_path):
+    model = nn.Linear(4, 3)
+    run = tmp_path / "deep" / "run"
+    t = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), nn.CrossEntropyLoss(),
+                train_data=small_classification(), run_dir=run, progress=False, quiet=True)
+    assert not (tmp_path / "deep").exists() and t.store is None
+    t.fit(1)
+    assert t.store is not None and t.store.latest() is not None and t.device == torch.device("cpu")
+
+
+def test_the_readme_trainer_example_runs(tmp_path, monkeypatch):
+    import pathlib
+    import re
+
+    readme = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
+    api = readme[readme.index("## The Python API"):readme.index("## Examples")]
+    blocks = re.findall(r"```python\n(.*?)```", api, re.S)
+    assert any("LoopOptions(" in b for b in blocks)
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    for block in blocks:
+        exec(compile(block.replace("epochs=10", "epochs=1").replace("fit(10)", "fit(2)"), "README.md", "exec"),
+             namespace)
+    assert len(namespace["history"]) == 2 and (tmp_path / "runs" / "options" / "checkpoints").is_dir()

@@ -29,6 +29,9 @@ _EXPORTS = {
     "load_dataset": "etappe.data",
     "TensorData": "etappe.data",
     "TrainConfig": "etappe.config",
+    "LoopOptions": "etappe.config",
+    "SaveOptions": "etappe.config",
+    "ShowOptions": "etappe.config",
     "EtappeError": "etappe.errors",
     "UsageError": "etappe.errors",
 }

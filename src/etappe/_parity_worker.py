@@ -58,7 +58,8 @@ def run(job: dict) -> None:
         if job["format"] == "torchscript":
             model = torch.jit.load(job["file"], map_location="cpu")
         elif job["format"] == "export":
-            model = torch.export.load(job["file"]).module()
+            with open(job["file"], "rb") as f:  # a file object: the temporary name checked does not end in .pt2
+                model = torch.export.load(f).module()
         else:
             raise ValueError(f"unknown format {job['format']!r}")
         with torch.no_grad():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -9,10 +10,10 @@ import torch
 from torch import nn
 
 from etappe import models
-from etappe.config import TrainConfig
+from etappe.config import CONFIG_VERSION, TrainConfig
 from etappe.data import Dataset, load_dataset
 from etappe.errors import UsageError
-from etappe.state import seed_everything
+from etappe.state import eval_mode, seed_everything
 
 LOSSES: dict[str, Callable[[], nn.Module]] = {
     "cross-entropy": nn.CrossEntropyLoss,
@@ -40,12 +41,22 @@ def make_loss(name: str, data: Dataset) -> nn.Module:
     return LOSSES[name]()
 
 
+# Each optimizer's own default weight decay, used when the config leaves it unset (None); 0 is honoured as 0.
+DEFAULT_WEIGHT_DECAY = {"sgd": 0.0, "adam": 0.0, "adamw": 0.01}
+
+
+def weight_decay(config: TrainConfig) -> float:
+    """The config's weight decay, or its optimizer's default when unset."""
+    return DEFAULT_WEIGHT_DECAY[config.optimizer] if config.weight_decay is None else config.weight_decay
+
+
 def make_optimizer(config: TrainConfig, params: Any) -> torch.optim.Optimizer:
+    decay = weight_decay(config)
     if config.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=decay)
     if config.optimizer == "adam":
-        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
-    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay or 0.01)
+        return torch.optim.Adam(params, lr=config.lr, weight_decay=decay)
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=decay)
 
 
 def make_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer) -> Any:
@@ -69,7 +80,7 @@ class Run:
 
     def saved_config(self) -> dict:
         """The config as saved in checkpoints: enough to rebuild the model from the checkpoint alone."""
-        return {**self.config.to_dict(), "data_spec": self.data.spec.to_dict()}
+        return {**self.config.to_dict(), "data_spec": self.data.spec.to_dict(), "config_version": CONFIG_VERSION}
 
 
 def build_run(config: TrainConfig) -> Run:
@@ -78,6 +89,8 @@ def build_run(config: TrainConfig) -> Run:
     if config.monitor == "val_accuracy" and data.spec.num_classes is None:
         raise UsageError(f"--monitor val_accuracy needs class labels; {data.spec.name!r} is regression "
                          "(monitor val_loss or train_loss)")
+    # saved resolved, as channels_last is: the run keeps the decay it trained with if a default changes
+    config = config.replace(weight_decay=weight_decay(config))
     seed_everything(config.seed)
     model = build_model(config.model, data.spec.input_shape, data.spec.num_outputs, config.model_kwargs)
     # oneDNN's convolutions (and cuDNN's) run faster on NHWC: 1.2-1.4x per step for the built-in CNN on 2 CPU cores.
@@ -124,49 +137,27 @@ def to_channels_last(model: nn.Module) -> bool:
 def _probe_channels_last(model: nn.Module, input_shape: tuple[int, ...]) -> None:
     """One sample through a user's model in eval mode (nothing updated): a .view() of a channels-last activation
     fails, and the error should name the layout, not the data."""
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             model(torch.zeros(1, *input_shape))
     except Exception as exc:  # noqa: BLE001 -- any other failure is check_shapes' to report, with its context
         if isinstance(exc, RuntimeError) and "view size is not compatible" in str(exc):
             raise UsageError("--channels-last: the model's forward calls .view() on a convolution's output, which "
                              "fails in channels-last memory format; use .reshape() or .flatten() there, or drop "
                              "--channels-last") from None
-    finally:
-        model.train(was_training)
 
 
 def make_trainer(run: Run, *, allow_config_change: bool = False) -> Any:
+    """The run's Trainer: its objects, and the config's values of the Trainer's options."""
+    from etappe.config import LoopOptions, SaveOptions, ShowOptions
     from etappe.loop import Trainer
 
     c = run.config
     return Trainer(
-        run.model,
-        run.optimizer,
-        run.loss_fn,
-        train_data=run.data.train,
-        val_data=run.data.test,
-        batch_size=c.batch_size,
-        scheduler=run.scheduler,
-        scheduler_interval=c.scheduler_interval,
-        device=c.device,
-        clip_grad_norm=c.clip_grad_norm,
-        seed=c.seed,
-        num_workers=c.num_workers,
-        run_dir=c.resolved_run_dir(),
-        save_every=c.save_every,
-        save_every_seconds=c.save_every_seconds,
-        keep_last=c.keep_last,
-        keep_best=c.keep_best,
-        async_save=c.async_save,
-        monitor=c.monitor,
-        patience=c.patience,
-        config=run.saved_config(),
-        allow_config_change=allow_config_change,
-        num_outputs=run.data.spec.num_outputs,
-        deterministic=c.deterministic,
-        quiet=c.quiet,
-        tensorboard=c.tensorboard,
+        run.model, run.optimizer, run.loss_fn,
+        train_data=run.data.train, val_data=run.data.test, scheduler=run.scheduler,
+        loop=c.options(LoopOptions),
+        saving=dataclasses.replace(c.options(SaveOptions), run_dir=str(c.resolved_run_dir())),
+        show=c.options(ShowOptions),
+        config=run.saved_config(), allow_config_change=allow_config_change, num_outputs=run.data.spec.num_outputs,
     )

@@ -119,7 +119,7 @@ def _config_from_args(args: argparse.Namespace, base: dict | None = None) -> tup
 
 def _saved_config(run_dir: Path) -> dict | None:
     """The run's config.json, read without following a link and bounded in size; None if there is none."""
-    from etappe.checkpoint.fsio import read_json
+    from etappe.checkpoint.reading import read_json
 
     if not run_dir.is_dir():
         return None
@@ -130,7 +130,7 @@ def _saved_config(run_dir: Path) -> dict | None:
 def cmd_train(args: argparse.Namespace) -> int:
     config, explicit = _config_from_args(args)
     run_dir = config.resolved_run_dir()
-    if "run_dir" not in explicit and getattr(args, "resume_dir", None) is None and run_dir.exists():
+    if "run_dir" not in explicit and run_dir.exists():
         # A default run folder that exists belongs to an earlier run: start a new one beside it.
         n = 2
         while Path(f"{run_dir}-{n}").exists():
@@ -150,13 +150,13 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 def _resume(run_dir: Path, args: argparse.Namespace) -> int:
     """Continue the run in ``run_dir`` with its saved config, changed only by the flags given."""
-    from etappe.config import SAVED_BEFORE, check_resume
+    from etappe.config import as_trained, check_resume
 
     saved = _saved_config(run_dir)
     saved.pop("data_spec", None)
     saved.pop("quiet", None)  # how much to print is this invocation's choice, not the run's
     saved["run_dir"] = str(run_dir)
-    saved = {**SAVED_BEFORE, **saved}  # keys an older etappe did not save, as they were then
+    saved = as_trained(saved)  # keys an older etappe did not save, as they were then
     try:
         TrainConfig.from_dict(saved, source=run_dir / "config.json")
     except UsageError as exc:  # a file of the run's, not this command's input
@@ -217,17 +217,10 @@ def _train(config: TrainConfig, allow_config_change: bool) -> int:
 def _save_weights(state: dict, path: Path) -> None:
     from safetensors.torch import save as st_save
 
+    from etappe.checkpoint import tied
     from etappe.checkpoint.fsio import atomic_write_bytes
 
-    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    seen: dict[int, str] = {}
-    unique = {}
-    for k, v in state.items():  # tied weights: safetensors stores each storage once
-        if v.data_ptr() in seen and v.numel():
-            continue
-        seen[v.data_ptr()] = k
-        unique[k] = v
-    atomic_write_bytes(path, st_save(unique))
+    atomic_write_bytes(path, st_save(tied.untied({k: v.cpu() for k, v in state.items()})))  # every name its own tensor, as any reader expects
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -386,26 +379,29 @@ def _usage_error(message: str, prog: str) -> NoReturn:
     raise SystemExit(2)
 
 
+def _add_training_flags(parser: argparse.ArgumentParser, config_help: str, trust_help: str) -> None:
+    """The flags `train` and `resume` share: --config, --allow-config-change, the config's flags, --trust."""
+    parser.add_argument("--config", metavar="FILE.toml", help=config_help)
+    parser.add_argument("--allow-config-change", action="store_true",
+                        help="resume even if the run-defining config changed")
+    _add_config_flags(parser)
+    parser.add_argument("--trust", action="store_true", help=trust_help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="etappe", description="Train, evaluate, checkpoint, resume and export "
                                      "PyTorch models. With no command, trains the CNN on the embedded digits set.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     train = sub.add_parser("train", help="train a model (resumes an existing --run-dir)")
-    train.add_argument("--config", metavar="FILE.toml", help="TOML file with the same keys as the flags")
-    train.add_argument("--allow-config-change", action="store_true", help="resume even if the run-defining config changed")
-    _add_config_flags(train)
-    train.add_argument("--trust", action="store_true", help="on an existing run: import a module:factory its "
-                       "config.json names (runs that module's code)")
+    _add_training_flags(train, "TOML file with the same keys as the flags",
+                        "on an existing run: import a module:factory its config.json names (runs that module's code)")
     train.set_defaults(handler=cmd_train)
 
     resume = sub.add_parser("resume", help="resume a run folder from its newest valid checkpoint")
     resume.add_argument("run", metavar="RUN")
-    resume.add_argument("--config", metavar="FILE.toml", help=argparse.SUPPRESS)
-    resume.add_argument("--allow-config-change", action="store_true", help="resume even if the run-defining config changed")
-    _add_config_flags(resume)
-    resume.add_argument("--trust", action="store_true", help="import a module:factory the run's config.json names "
-                        "(runs that module's code)")
+    _add_training_flags(resume, argparse.SUPPRESS,
+                        "import a module:factory the run's config.json names (runs that module's code)")
     resume.set_defaults(handler=cmd_resume)
 
     ev = sub.add_parser("eval", help="evaluate a run, checkpoint or weights file on a data set's test split")

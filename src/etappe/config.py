@@ -33,6 +33,73 @@ def monitor_mode(monitor: str) -> str:
     return "max" if "acc" in monitor else "min"
 
 
+def _validated(options: Any, checks: Mapping[str, Callable[[str, Any], Any]], keywords: bool = False) -> None:
+    """Check every field of a frozen dataclass by its rule (``_CHECKS``), storing normalized values. A bad value
+    raises ConfigValueError, naming the flag (``--lr``) or, with ``keywords``, the keyword (``lr=``)."""
+    for f in fields(options):
+        if f.name in checks:
+            try:
+                value = checks[f.name](f.name, getattr(options, f.name))
+            except ConfigValueError as exc:
+                if not keywords:
+                    raise
+                raise UsageError(exc.describe(keyword=True)) from None
+            if value is not getattr(options, f.name):  # normalized: an int where a float belongs, a path, a tuple
+                object.__setattr__(options, f.name, value)
+
+
+# The Trainer's options, in three groups. Each default lives here, once: TrainConfig's fields of the same names take
+# theirs from these classes, and ``TrainConfig.options(cls)`` hands a run's values to the Trainer.
+
+@dataclass(frozen=True)
+class LoopOptions:
+    """What the loop does: batches, the order of samples, the step, where it runs, when it stops early."""
+
+    batch_size: int = 16
+    shuffle: bool = True
+    seed: int = 0
+    num_workers: int = 0
+    clip_grad_norm: float | None = None
+    scheduler_interval: str = "epoch"  # step the schedulers after every epoch, or after every optimizer step
+    device: str = "auto"  # CUDA when present, else CPU
+    deterministic: bool | None = None  # None: on for CPU, off for CUDA
+    monitor: str = "val_loss"  # the metric of the best checkpoint and of early stopping
+    patience: int | None = None  # early stopping, in epochs without improvement of `monitor`
+
+    def __post_init__(self) -> None:
+        _validated(self, _OPTION_CHECKS, keywords=True)
+
+
+@dataclass(frozen=True)
+class SaveOptions:
+    """Where and how often checkpoints are written, and which are kept. No ``run_dir``: nothing is saved."""
+
+    run_dir: str | None = None
+    save_every: int | None = None  # optimizer steps; a checkpoint ends every epoch in any case
+    save_every_seconds: float | None = None
+    keep_last: int = 2
+    keep_best: int = 1  # by `monitor`
+    async_save: bool = False  # write in a background thread while training goes on
+
+    def __post_init__(self) -> None:
+        _validated(self, _OPTION_CHECKS, keywords=True)
+
+
+@dataclass(frozen=True)
+class ShowOptions:
+    """What the run prints and logs."""
+
+    progress: bool = True  # a progress bar per epoch
+    quiet: bool = False  # no epoch lines, no progress bar
+    tensorboard: bool = False  # also log the epoch metrics to run_dir/tensorboard
+
+    def __post_init__(self) -> None:
+        _validated(self, _OPTION_CHECKS, keywords=True)
+
+
+OPTION_CLASSES = (LoopOptions, SaveOptions, ShowOptions)
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything ``etappe train`` needs. The defaults train the seed CNN on the embedded ``digits`` set."""
@@ -41,40 +108,37 @@ class TrainConfig:
     model: str = "cnn"
     model_kwargs: dict = field(default_factory=dict)
     epochs: int = 20
-    batch_size: int = 16
+    batch_size: int = LoopOptions.batch_size
     lr: float = 5e-3
     optimizer: str = "adam"
     momentum: float = 0.0
-    weight_decay: float = 0.0
+    weight_decay: float | None = None  # None: the optimizer's own default (0.01 for AdamW, 0 for SGD and Adam)
     loss: str = "auto"  # cross-entropy for classification, mse for regression
     scheduler: str = "none"
-    scheduler_interval: str = "epoch"
+    scheduler_interval: str = LoopOptions.scheduler_interval
     step_size: int = 1  # StepLR
     gamma: float = 0.9  # StepLR, ExponentialLR
-    clip_grad_norm: float | None = None
-    seed: int = 0
-    device: str = "auto"
-    deterministic: bool | None = None  # None: on for CPU, off for CUDA
+    clip_grad_norm: float | None = LoopOptions.clip_grad_norm
+    seed: int = LoopOptions.seed
+    device: str = LoopOptions.device
+    deterministic: bool | None = LoopOptions.deterministic
     channels_last: bool | None = None  # conv models in channels-last memory format; None: etappe's own models only
     data_dir: str | None = None
-    num_workers: int = 0
-    run_dir: str | None = None
-    save_every: int | None = None  # optimizer steps
-    save_every_seconds: float | None = None
-    async_save: bool = False
+    num_workers: int = LoopOptions.num_workers
+    run_dir: str | None = SaveOptions.run_dir  # None: runs/<data>-<model>
+    save_every: int | None = SaveOptions.save_every
+    save_every_seconds: float | None = SaveOptions.save_every_seconds
+    async_save: bool = SaveOptions.async_save
     strategy: str = "ddp"  # under torchrun: replicate (DDP) or shard (FSDP2) the model
-    keep_last: int = 2
-    keep_best: int = 1
-    monitor: str = "val_loss"
-    patience: int | None = None  # early stopping, in epochs without improvement of `monitor`
-    quiet: bool = False
-    tensorboard: bool = False
+    keep_last: int = SaveOptions.keep_last
+    keep_best: int = SaveOptions.keep_best
+    monitor: str = LoopOptions.monitor
+    patience: int | None = LoopOptions.patience
+    quiet: bool = ShowOptions.quiet
+    tensorboard: bool = ShowOptions.tensorboard
 
     def __post_init__(self) -> None:
-        for name, check in _CHECKS.items():
-            value = check(name, getattr(self, name))
-            if value is not getattr(self, name):  # normalized: an int where a float belongs, a path, a tuple
-                object.__setattr__(self, name, value)
+        _validated(self, _CHECKS)
         if self.strategy == "fsdp" and self.async_save:
             raise UsageError("--async-save does not apply to --strategy fsdp (sharded state is saved by every rank "
                              "together); drop one of them")
@@ -111,6 +175,12 @@ class TrainConfig:
     def replace(self, **changes: Any) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
 
+    def options(self, cls: type) -> Any:
+        """This config's values of the option class ``cls``'s fields (LoopOptions, SaveOptions, ShowOptions); the
+        fields a config does not hold keep their defaults."""
+        mine = {f.name for f in fields(self)}
+        return cls(**{f.name: getattr(self, f.name) for f in fields(cls) if f.name in mine})
+
 
 # Keys that make a run a different run: changing one on resume is refused unless allowed.
 RUN_DEFINING = (
@@ -141,19 +211,30 @@ RUN_DEFINING = (
 
 # What a key missing from a config saved by an older etappe meant: runs before channels-last trained in NCHW.
 SAVED_BEFORE = {"channels_last": False}
+# Saved with every config from version 2 on (``Run.saved_config``). Version 1 (no key) saved weight_decay 0.0 for
+# the default and AdamW then trained with 0.01; from version 2 the config holds the weight decay trained with.
+CONFIG_VERSION = 2
+
+
+def as_trained(saved: Mapping[str, Any]) -> dict[str, Any]:
+    """A saved config as the run was trained: the keys an older etappe did not save filled in (``SAVED_BEFORE``),
+    and a version-1 AdamW weight_decay of 0.0 read as the 0.01 it trained with. The version key itself dropped."""
+    config = {**SAVED_BEFORE, **saved}
+    version = config.pop("config_version", 1)
+    if version == 1 and config.get("optimizer") == "adamw" and config.get("weight_decay") == 0.0:
+        config["weight_decay"] = 0.01
+    return config
 
 
 def config_differences(saved: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     """Human-readable differences in run-defining keys, e.g. ``batch_size: 32 -> 64`` or, inside the config a
     Trainer derives from its objects, ``optimizers.optimizer.param_groups[0].lr: 0.1 -> 0.2``."""
-    def value(config: Mapping[str, Any], key: str) -> Any:
-        return config.get(key, SAVED_BEFORE.get(key))
-
+    saved, new = as_trained(saved), {**SAVED_BEFORE, **new}
     out: list[str] = []
     for key in RUN_DEFINING:
         if key == "train_data" and key not in saved:  # saved before the data was recorded: nothing to compare
             continue
-        _differences(key, value(saved, key), value(new, key), out)
+        _differences(key, saved.get(key), new.get(key), out)
     return out
 
 
@@ -237,11 +318,13 @@ class ConfigValueError(UsageError):
         self.name, self.value, self.expected, self.choices = name, value, expected, choices
         super().__init__(self.describe())
 
-    def describe(self, source: str | os.PathLike | None = None) -> str:
+    def describe(self, source: str | os.PathLike | None = None, keyword: bool = False) -> str:
         if self.choices is not None and isinstance(self.value, str):
             what = f"unknown {self.name.replace('_', ' ')} {self.value!r}; choose one of: {', '.join(self.choices)}"
             return f"{source}: {what}" if source is not None else what
         shown = _shown(self.value)
+        if keyword:
+            return f"{self.name}={shown} is not valid; expected {self.expected}"
         if source is None:
             return f"--{self.name.replace('_', '-')} {shown} is not valid; expected {self.expected}"
         return f"{source}: {self.name} = {shown} is not valid; expected {self.expected}"
@@ -354,7 +437,7 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "lr": _number(0, True, "a positive number"),
     "optimizer": _choice(OPTIMIZERS),
     "momentum": _number(0, False, "a number, 0 or more"),
-    "weight_decay": _number(0, False, "a number, 0 or more"),
+    "weight_decay": _number(0, False, "a number, 0 or more", optional=True),
     "loss": _choice(LOSSES + ("auto",), shown=LOSSES),
     "scheduler": _choice(SCHEDULERS),
     "scheduler_interval": _choice(("epoch", "step")),
@@ -379,3 +462,5 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "quiet": _flag(),
     "tensorboard": _flag(),
 }
+# A Trainer's options hold what a config cannot: any metric to monitor (a metrics_fn's), the order unshuffled.
+_OPTION_CHECKS = {**_CHECKS, "monitor": _text(), "shuffle": _flag(), "progress": _flag()}

@@ -4,6 +4,8 @@ The CLI prints them as one line, without a traceback; library users catch them
 like any other exception.
 """
 
+import re
+
 
 class EtappeError(Exception):
     """An expected failure, reported to the user in one line. ``exit_code`` is what the CLI exits with."""
@@ -25,8 +27,13 @@ class TrainingError(EtappeError):
     """Training cannot go on (a non-finite loss, a failed save)."""
 
 
+def strip_ansi(text: str) -> str:
+    """``text`` without terminal colour codes, which some libraries put in their messages."""
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)
+
+
 def first_line(exc: BaseException) -> str:
-    """The first non-blank line of an exception's message (its type's name when it has none): what a one-line
-    error quotes of a library's multi-line one."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    """The first non-blank line of an exception's message (its type's name when it has none), without colour
+    codes: what a one-line error quotes of a library's multi-line one."""
+    lines = [line.strip() for line in strip_ansi(str(exc)).splitlines() if line.strip()]
     return lines[0] if lines else type(exc).__name__

@@ -97,7 +97,7 @@ def write_history(run_dir: Path, history: Any) -> None:
 
 def read_history(run_dir: Path) -> list[dict]:
     """The epochs of a run's metrics.jsonl, read without following a link and bounded in size."""
-    from etappe.checkpoint.fsio import read_inside
+    from etappe.checkpoint.reading import read_inside
 
     path = Path(run_dir) / "metrics.jsonl"
     content = read_inside(Path(run_dir), "metrics.jsonl")

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import signal
@@ -29,11 +30,11 @@ from torch import nn
 
 from etappe import distributed, log
 from etappe.checkpoint import sharded
-from etappe.config import check_resume
+from etappe.config import OPTION_CLASSES, LoopOptions, SaveOptions, ShowOptions, check_resume, monitor_mode
 from etappe.data.sampler import EpochBatchSampler, ResumableBatches
 from etappe.data.sets import TensorData
-from etappe.errors import EtappeError, TrainingError, UsageError
-from etappe.state import History, PerRank, Progress, unwrap
+from etappe.errors import EtappeError, TrainingError, UsageError, first_line
+from etappe.state import History, PerRank, Progress, derive_seed, eval_mode, seed_everything, unwrap
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: the run stopped cleanly and can be resumed
 
@@ -104,24 +105,19 @@ def evaluate(
     in eval mode under ``torch.inference_mode()`` and returned to the mode it was in.
     """
     device = pick_device(device) if device is not None else next(model.parameters(), torch.empty(0)).device
-    was_training = model.training
-    model.eval()
     loss_sum, correct, count = 0.0, 0, 0
     classification = False
-    try:
-        with no_grad(model):
-            for x, y in _eval_batches(data, batch_size):
-                x, y = to_device(x, device), to_device(y, device)
-                out = model(x)
-                n = len(y)
-                if loss_fn is not None:
-                    loss_sum += float(loss_fn(out, y)) * n
-                if is_classification(out, y):
-                    classification = True
-                    correct += int((out.argmax(1) == y).sum())
-                count += n
-    finally:
-        model.train(was_training)
+    with eval_mode(model), no_grad(model):
+        for x, y in _eval_batches(data, batch_size):
+            x, y = to_device(x, device), to_device(y, device)
+            out = model(x)
+            n = len(y)
+            if loss_fn is not None:
+                loss_sum += float(loss_fn(out, y)) * n
+            if is_classification(out, y):
+                classification = True
+                correct += int((out.argmax(1) == y).sum())
+            count += n
     result = {"samples": count}
     if loss_fn is not None:
         result["loss"] = loss_sum / max(count, 1)
@@ -150,18 +146,13 @@ def check_shapes(model: nn.Module, data: TensorData, num_outputs: int | None) ->
     """Run two samples through ``model`` in eval mode and say plainly when the shapes do not fit the data."""
     x, _ = data.batch(torch.arange(min(2, len(data))))
     x = x.to(next(model.parameters(), torch.empty(0)).device)
-    was_training = model.training
-    model.eval()
     try:
-        with no_grad(model):
+        with eval_mode(model), no_grad(model):
             out = model(x)
     except (RuntimeError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0]
         raise UsageError(
-            f"the model does not accept the data's input shape {tuple(x.shape[1:])} (one sample): {first}"
+            f"the model does not accept the data's input shape {tuple(x.shape[1:])} (one sample): {first_line(exc)}"
         ) from None
-    finally:
-        model.train(was_training)
     if num_outputs is not None and tuple(out.shape[1:]) not in ((num_outputs,),):
         raise UsageError(
             f"the model's output shape {tuple(out.shape[1:])} (one sample) does not fit the data, "
@@ -197,170 +188,342 @@ def _in_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
+class SupervisedStep:
+    """The seeds' training step, and the Trainer's ``step_fn`` unless it is given another: forward, loss,
+    zero_grad, backward, clip, optimizer.step(). Returns the loss as a float; a non-finite loss steps nothing (the
+    loop stops on it). ``model`` is the module that computes (under DDP its wrapper, which averages the gradients)."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Callable,
+                 clip_grad_norm: float | None = None) -> None:
+        self.model, self.optimizer, self.loss_fn, self.clip_grad_norm = model, optimizer, loss_fn, clip_grad_norm
+
+    def __call__(self, batch: Any) -> dict[str, float]:
+        x, y = batch
+        loss = self.loss_fn(self.model(x), y)
+        value = loss.item()
+        if not math.isfinite(value):
+            return {"loss": value}
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.clip_grad_norm is not None:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad_norm)
+        self.optimizer.step()
+        return {"loss": value}
+
+
 class Trainer:
     """Runs the seeds' loop for one model and loss, or the user's ``step_fn`` for anything else (a GAN).
 
-    Given a ``run_dir`` it saves checkpoints there and, when the folder already holds some, resumes from the
-    newest valid one, exactly where it stopped.
+    ``model``, ``optimizer`` and ``scheduler`` are each one object or a ``{name: object}`` dict (a checkpoint holds
+    them by these names; one object is named ``model``, ``optimizer``, ``scheduler``). The options come in three
+    groups, ``loop=LoopOptions(...)``, ``saving=SaveOptions(...)``, ``show=ShowOptions(...)`` (etappe.config, where
+    each default is), or as keywords of their field names: ``Trainer(model, opt, loss, train_data=d, batch_size=64,
+    run_dir="runs/a")``. Given a ``run_dir`` it saves checkpoints there and, when the folder already holds some,
+    resumes from the newest valid one, exactly where it stopped.
 
-    Under torchrun the model is wrapped in DistributedDataParallel, unless it is already sharded with FSDP2
-    (``etappe.distributed.shard`` or ``fully_shard``, before its optimizer was made): then every rank saves and
-    loads its own shards through torch.distributed.checkpoint.
+    Constructing a Trainer checks its arguments and changes nothing; ``fit`` (or ``resume``) starts the run: the
+    device, the process group under torchrun, the run folder. Under torchrun the model is wrapped in
+    DistributedDataParallel, unless it is already sharded with FSDP2 (``etappe.distributed.shard`` or
+    ``fully_shard``, before its optimizer was made): then every rank saves and loads its own shards through
+    torch.distributed.checkpoint.
     """
 
     def __init__(
         self,
-        model: nn.Module | None = None,
-        optimizer: torch.optim.Optimizer | None = None,
+        model: nn.Module | Mapping[str, nn.Module],
+        optimizer: torch.optim.Optimizer | Mapping[str, torch.optim.Optimizer] | None = None,
         loss_fn: Callable | None = None,
         *,
         train_data: Any,
         val_data: Any = None,
-        batch_size: int = 32,
         scheduler: Any = None,
-        scheduler_interval: str = "epoch",
         step_fn: StepFn | None = None,
-        models: Mapping[str, nn.Module] | None = None,
-        optimizers: Mapping[str, torch.optim.Optimizer] | None = None,
-        schedulers: Mapping[str, Any] | None = None,
-        device: str | torch.device | None = None,
-        clip_grad_norm: float | None = None,
-        seed: int = 0,
-        shuffle: bool = True,
-        num_workers: int = 0,
-        run_dir: str | Path | None = None,
-        save_every: int | None = None,
-        save_every_seconds: float | None = None,
-        keep_last: int = 2,
-        keep_best: int = 1,
-        async_save: bool = False,
-        monitor: str = "val_loss",
-        patience: int | None = None,
+        metrics_fn: Callable[["Trainer"], Mapping[str, float]] | None = None,
+        loop: LoopOptions | None = None,
+        saving: SaveOptions | None = None,
+        show: ShowOptions | None = None,
         config: Mapping[str, Any] | None = None,
         allow_config_change: bool = False,
         num_outputs: int | None = None,
-        deterministic: bool | None = None,
-        progress: bool = True,
-        quiet: bool = False,
-        tensorboard: bool = False,
-        metrics_fn: Callable[["Trainer"], Mapping[str, float]] | None = None,
+        **options: Any,
     ) -> None:
-        if model is None and not models:
-            raise UsageError("Trainer needs a model (or models={name: module, ...} with a step_fn)")
-        if step_fn is None and (model is None or optimizer is None or loss_fn is None):
+        self.models: dict[str, nn.Module] = _named(model, "model")
+        self.optimizers: dict[str, Any] = _named(optimizer, "optimizer")
+        self.schedulers: dict[str, Any] = _named(scheduler, "scheduler")
+        self.loop, self.saving, self.show = _options(loop, saving, show, options)
+        self.loss_fn, self.step_fn, self.metrics_fn = loss_fn, step_fn, metrics_fn
+        self.val_data, self.allow_config_change, self.num_outputs = val_data, allow_config_change, num_outputs
+        self._given_config = dict(config) if config else None
+        if not self.models:
+            raise UsageError("Trainer needs a model (or {name: module, ...} with a step_fn)")
+        if step_fn is None and (len(self.models) != 1 or len(self.optimizers) != 1 or loss_fn is None):
             raise UsageError("Trainer needs model, optimizer and loss_fn, or a step_fn that does the step")
-        if scheduler_interval not in ("epoch", "step"):
-            raise UsageError(f"scheduler_interval must be 'epoch' or 'step', got {scheduler_interval!r}")
-        self.device = pick_device(device)
-        self.deterministic = set_deterministic(self.device, deterministic)
-        distributed.init_from_env(self.device)
-        self.rank, self.world_size = distributed.rank(), distributed.world_size()
-
-        self.models: dict[str, nn.Module] = dict(models) if models else {"model": model}
-        for m in self.models.values():
-            m.to(self.device)
-        self.model = model if model is not None else next(iter(self.models.values()))
         # FSDP2: a model already sharded (fully_shard, before its optimizer was made) is saved shard by shard
         self.sharded = any(sharded.is_sharded_module(m) for m in self.models.values())
-        if self.sharded and (step_fn is not None or len(self.models) != 1 or (optimizers and len(optimizers) != 1)):
+        if self.sharded and (step_fn is not None or len(self.models) != 1 or len(self.optimizers) > 1):
             raise UsageError("a sharded (FSDP) model trains here as one model with one optimizer and no step_fn")
-        if self.sharded and async_save:
+        if self.sharded and self.saving.async_save:
             raise UsageError("async_save does not apply to a sharded (FSDP) model; every rank saves its shards together")
-        if self.world_size > 1 and step_fn is None and not self.sharded:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
-        self.optimizers: dict[str, Any] = dict(optimizers) if optimizers else ({"optimizer": optimizer} if optimizer else {})
-        self.schedulers: dict[str, Any] = dict(schedulers) if schedulers else ({"scheduler": scheduler} if scheduler else {})
-        self.optimizer, self.loss_fn, self.step_fn = optimizer, loss_fn, step_fn
-        self.scheduler_interval, self.clip_grad_norm = scheduler_interval, clip_grad_norm
-
-        self.train_data, self.val_data = train_data, val_data
-        self.num_workers, self.seed = num_workers, seed
-        self.batches = self._make_batches(train_data, batch_size, seed, shuffle)
-        given_data = self.train_data  # a DataLoader's dataset; before a move to the device
-        if isinstance(train_data, TensorData) and step_fn is None:
-            self.train_data = train_data.to(self.device) if self.device.type == "cuda" else train_data
-            check_shapes(unwrap(self.model), train_data, num_outputs)
-
+        self.train_data, self._collate = self._dataset_of(train_data)
+        if isinstance(self.train_data, TensorData) and step_fn is None:
+            check_shapes(unwrap(next(iter(self.models.values()))), self.train_data, num_outputs)
+        self._check_monitor()
         self.progress, self.history = Progress(), History()
-        self.per_rank = PerRank(self.progress, self.rank, self.world_size)
+        self.run_dir = Path(self.saving.run_dir) if self.saving.run_dir is not None else None
+        self.store = None
+        self.resumed_from: Path | None = None
+        self._started = False
+
+    def _dataset_of(self, data: Any) -> tuple[Any, Callable]:
+        """The data set to train on and its collate function. A DataLoader's own sampler cannot start mid-epoch:
+        its dataset, batch size, collate function, workers and shuffling are kept, its sampler replaced."""
+        if not isinstance(data, torch.utils.data.DataLoader):
+            return data, torch.utils.data.default_collate
+        if isinstance(data.dataset, torch.utils.data.IterableDataset):
+            raise UsageError("an IterableDataset cannot be resumed exactly; give a map-style Dataset")
+        self.loop = dataclasses.replace(
+            self.loop, batch_size=data.batch_size or self.loop.batch_size, num_workers=data.num_workers,
+            shuffle=isinstance(data.sampler, torch.utils.data.RandomSampler),
+        )
+        warnings.warn(
+            "etappe replaces the DataLoader's sampler with its resumable one (same dataset, batch size, "
+            "collate_fn, workers; shuffled if the loader was) so a run can resume mid-epoch exactly",
+            stacklevel=3,
+        )
+        return data.dataset, data.collate_fn
+
+    def _start(self) -> None:
+        """Everything with side effects, once, when the run starts (``fit`` or ``resume``): the device and
+        determinism, the process group, the models on the device, the batches of this rank, the step, the run
+        folder and its checkpoint store."""
+        if self._started:
+            return
+        loop = self.loop
+        self.device = pick_device(loop.device)
+        self.deterministic = set_deterministic(self.device, loop.deterministic)
+        distributed.init_from_env(self.device)
+        self.rank, self.world_size, self.main = distributed.rank(), distributed.world_size(), distributed.is_main()
+        self.quiet = self.show.quiet or not self.main
+        self.show_progress = self.show.progress and not self.quiet
         # What makes this run this run, saved in every checkpoint and compared on resume: the CLI's config, or
         # what the objects given here say of themselves.
-        self.config = dict(config) if config else self._derived_config(given_data)
-        self._check_monitor(monitor, patience, metrics_fn)
-        self.allow_config_change = allow_config_change
-        self.save_every, self.save_every_seconds = save_every, save_every_seconds
-        self.monitor, self.patience = monitor, patience
-        self.metrics_fn = metrics_fn
-        self.main = distributed.is_main()
-        self.show_progress = progress and not quiet and self.main
-        self.quiet = quiet or not self.main
-        self.run_dir = Path(run_dir) if run_dir is not None else None
-        self.store = None
+        self.config = self._given_config or self._derived_config()
+        for m in self.models.values():
+            m.to(self.device)
+        if isinstance(self.train_data, TensorData) and self.device.type == "cuda":
+            self.train_data = self.train_data.to(self.device)
+        self.batches = ResumableBatches(len(self.train_data), loop.batch_size, seed=loop.seed, shuffle=loop.shuffle,
+                                        rank=self.rank, world_size=self.world_size)
+        self.per_rank = PerRank(self.progress, self.rank, self.world_size)
+        if self.step_fn is None:
+            (model,), (optimizer,) = self.models.values(), self.optimizers.values()
+            if self.world_size > 1 and not self.sharded:
+                model = nn.parallel.DistributedDataParallel(
+                    model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            self.step_fn = SupervisedStep(model, optimizer, self.loss_fn, loop.clip_grad_norm)
         if self.run_dir is not None:
             log.ensure_writable(self.run_dir)
             from etappe.checkpoint import CheckpointStore
 
             self.store = CheckpointStore(
-                self.run_dir / "checkpoints", keep_last=keep_last, keep_best=keep_best, monitor=monitor,
-                mode="max" if "acc" in monitor else "min", async_save=async_save,
+                self.run_dir / "checkpoints", keep_last=self.saving.keep_last, keep_best=self.saving.keep_best,
+                monitor=loop.monitor, mode=monitor_mode(loop.monitor), async_save=self.saving.async_save,
             )
-        self.tensorboard = tensorboard
-        self.resumed_from: Path | None = None
-        if not self.deterministic and self.main and not self.quiet:
+        if not self.deterministic and not self.quiet:
             log.warn("deterministic algorithms are off (the default on CUDA): a resumed run will be close to, not "
                      "bit-identical with, an uninterrupted one; pass --deterministic for exactness")
-
-    # ------------------------------------------------------------ data
-
-    def _make_batches(self, data: Any, batch_size: int, seed: int, shuffle: bool) -> ResumableBatches:
-        if isinstance(data, torch.utils.data.DataLoader):
-            # A DataLoader's own sampler cannot start mid-epoch; keep its dataset, batch size and collate.
-            loader = data
-            if isinstance(loader.dataset, torch.utils.data.IterableDataset):
-                raise UsageError("an IterableDataset cannot be resumed exactly; give a map-style Dataset")
-            shuffle = isinstance(loader.sampler, torch.utils.data.RandomSampler)
-            batch_size = loader.batch_size or batch_size
-            self.train_data = loader.dataset
-            self._collate = loader.collate_fn
-            self.num_workers = loader.num_workers
-            warnings.warn(
-                "etappe replaces the DataLoader's sampler with its resumable one (same dataset, batch size, "
-                "collate_fn, workers; shuffled if the loader was) so a run can resume mid-epoch exactly",
-                stacklevel=3,
-            )
-        else:
-            self._collate = torch.utils.data.default_collate
-        return ResumableBatches(
-            len(self.train_data), batch_size, seed=seed, shuffle=shuffle, rank=distributed.rank(),
-            world_size=distributed.world_size(),
-        )
+        self._started = True
 
     def _epoch_batches(self, epoch: int, start: int) -> Iterator[Any]:
-        if isinstance(self.train_data, TensorData) and self.num_workers == 0:
+        if isinstance(self.train_data, TensorData) and self.loop.num_workers == 0:
             for idx in self.batches.batches(epoch, start):
                 yield self.train_data.take(idx.to(self.train_data.x.device))
             return
         loader = torch.utils.data.DataLoader(
-            _SeededBatches(self.train_data, self.seed, epoch),
+            _SeededBatches(self.train_data, self.loop.seed, epoch),
             batch_sampler=_NumberedBatchSampler(EpochBatchSampler(self.batches, epoch, start), start),
             collate_fn=self._collate,
-            num_workers=self.num_workers,
+            num_workers=self.loop.num_workers,
             pin_memory=self.device.type == "cuda",
             # Its own generator: creating the iterator would otherwise draw from torch's global RNG, and a
             # resumed run would draw at a different moment than an uninterrupted one.
-            generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch),
+            generator=torch.Generator().manual_seed(derive_seed(self.loop.seed, epoch)),
         )
         for batch in loader:
             yield to_device(batch, self.device)
+
+    # ------------------------------------------------------------ the loop
+
+    def fit(self, epochs: int) -> History:
+        """Train until ``epochs`` epochs are done in all (a resumed run continues; a finished one is extended).
+        A run with more epochs done than ``epochs`` is refused (UsageError), before anything is restored."""
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+            raise UsageError(f"epochs={epochs!r} is not valid; expected a positive integer")
+        if self.resumed_from is None:
+            self.resume(epochs=epochs)  # starts the run first
+        self._refuse_fewer_epochs(self.progress.epoch, epochs)
+        p = self.progress
+        if p.stopped_early:
+            if not self.quiet:
+                log.info(f"{self.run_dir} stopped early after epoch {p.epoch} ({self.loop.monitor} no longer improved)")
+            return self.history
+        with self._writing() as tensorboard, preemption_guard() as preempt:
+            last_save = time.monotonic()
+            while p.epoch < epochs:
+                for m in self.models.values():
+                    m.train()
+                bar = log.progress_bar(len(self.batches), p.batches_done_in_epoch, p.epoch, epochs, self.show_progress)
+                epoch_start = time.perf_counter() - p.seconds_in_epoch
+                for batch in self._epoch_batches(p.epoch, p.batches_done_in_epoch):
+                    losses = _as_floats(self.step_fn(batch))
+                    if not all(math.isfinite(v) for v in losses.values()):
+                        raise self._non_finite(losses["loss"])
+                    if self.loop.scheduler_interval == "step":
+                        for s in self.schedulers.values():
+                            s.step()
+                    p.add_batch(_batch_len(batch), losses)
+                    p.seconds_in_epoch = time.perf_counter() - epoch_start
+                    bar.update(p, self.world_size)
+                    stop, due = self._stop_or_save_due(preempt["signal"] is not None, last_save)
+                    if stop:
+                        bar.close()
+                        path = self.save(wait=True)
+                        raise Preempted(f"{preempt['signal'] or 'a signal on another rank'} received: saved step "
+                                        f"{p.step} to {path}; resume with: etappe resume {self.run_dir}")
+                    if due:
+                        self.save()
+                        last_save = time.monotonic()
+                bar.close()
+                row = self._end_epoch(epochs)
+                if tensorboard is not None:
+                    log.tensorboard_row(tensorboard, row)
+                p.stopped_early = self._should_stop_early(row)  # before the save, so the checkpoint holds it
+                self.save({k: v for k, v in row.items() if isinstance(v, (int, float))})
+                last_save = time.monotonic()
+                if p.stopped_early:
+                    if not self.quiet:
+                        log.info(f"Stopping early: {self.loop.monitor} has not improved for {self.loop.patience} epochs")
+                    break
+        if self.run_dir is not None and self.main:
+            log.write_history(self.run_dir, self.history)
+            log.plot_curves(self.run_dir, self.history)
+        return self.history
+
+    @contextmanager
+    def _writing(self) -> Iterator[Any]:
+        """The run folder while ``fit`` writes to it: this Trainer its one writer (a second one stops here), and
+        its tensorboard log open. At the end every checkpoint written in the background is committed; after a
+        failure one in flight is still committed (it holds a good state from before the failure)."""
+        writing = self.store is not None and self.main
+        tensorboard = None
+        try:
+            if writing:
+                self.store.lock()  # held until close(), below
+            # in the try: a refused tensorboard folder (a link out of the run) lets go of the run folder too
+            tensorboard = log.tensorboard_writer(self.run_dir, self.progress.epoch) if self.show.tensorboard and self.main else None
+            yield tensorboard
+        except BaseException:
+            if writing:
+                try:
+                    self.store.close()
+                except EtappeError as exc:
+                    log.warn(f"the checkpoint being written in the background failed as well: {exc}")
+            raise
+        if tensorboard is not None:
+            tensorboard.close()
+        if writing:
+            try:
+                self.store.close()  # its buffers freed
+            except EtappeError as exc:
+                raise TrainingError(f"the last checkpoint could not be written: {exc}") from None
+
+    def _stop_or_save_due(self, signalled: bool, last_save: float) -> tuple[bool, bool]:
+        """Whether to save and stop (a signal arrived), and whether a save by step or time cadence is due: agreed
+        by every rank, as saves are collective."""
+        s, step = self.saving, self.progress.step
+        due = bool(s.save_every and step % s.save_every == 0) or bool(
+            s.save_every_seconds and time.monotonic() - last_save >= s.save_every_seconds)
+        if self.world_size > 1:
+            signalled, due = distributed.any_rank(signalled, due)
+        return signalled, due
+
+    def _non_finite(self, value: float) -> TrainingError:
+        p = self.progress
+        return TrainingError(
+            f"the loss became {value} at epoch {p.epoch + 1}, step {p.step + 1}; training stopped and nothing "
+            "from this step on was saved (try a lower --lr or --clip-grad-norm)"
+        )
+
+    def _end_epoch(self, epochs: int) -> dict[str, Any]:
+        p = self.progress
+        totals = distributed.all_reduce_sum([p.loss_sum_in_epoch, float(p.samples_in_epoch)])
+        samples = totals[1]
+        row: dict[str, Any] = {"epoch": p.epoch + 1, "step": p.step, "train_loss": totals[0] / max(samples, 1)}
+        for k, v in sorted(p.extra_sums_in_epoch.items()):
+            row[f"train_{k}"] = v / max(p.samples_in_epoch, 1)
+        if self.val_data is not None and self.loss_fn is not None:
+            result = evaluate(unwrap(next(iter(self.models.values()))), self.val_data, self.loss_fn)
+            row["val_loss"] = result["loss"]
+            if "accuracy" in result:
+                row["val_accuracy"] = result["accuracy"]
+        if self.metrics_fn is not None:
+            row.update(self.metrics_fn(self))
+        if self.optimizers:
+            row["lr"] = next(iter(self.optimizers.values())).param_groups[0]["lr"]
+        if self.loop.scheduler_interval == "epoch":
+            for s in self.schedulers.values():
+                s.step()
+        row["seconds"] = p.seconds_in_epoch
+        row["samples_per_s"] = samples / p.seconds_in_epoch if p.seconds_in_epoch > 0 else 0.0
+        self.history.append(row)
+        if self.run_dir is not None and self.main:
+            log.write_history(self.run_dir, self.history)
+        if not self.quiet:
+            log.info(log.epoch_line(row, epochs))
+        p.epoch += 1
+        p.start_epoch()
+        return row
+
+    def _should_stop_early(self, row: Mapping[str, Any]) -> bool:
+        p, monitor, patience = self.progress, self.loop.monitor, self.loop.patience
+        value = row.get(monitor)
+        if value is None:
+            if patience is not None and not self._monitor_missing_told and not self.quiet:
+                self._monitor_missing_told = True
+                log.warn(f"monitor {monitor!r} is not among this run's metrics ({', '.join(row)}): "
+                         f"patience={patience} does nothing")
+            return False
+        higher = monitor_mode(monitor) == "max"
+        if p.best_metric is None or (value > p.best_metric if higher else value < p.best_metric):
+            p.best_metric, p.epochs_without_improvement = value, 0
+        else:
+            p.epochs_without_improvement += 1
+        return patience is not None and p.epochs_without_improvement >= patience
+
+    def _check_monitor(self) -> None:
+        """A ``monitor`` this Trainer can never record is refused now, not found out after the run (when patience
+        would never have stopped it). A step_fn's or metrics_fn's metrics are known once an epoch ends."""
+        self._monitor_missing_told = False
+        monitor, patience = self.loop.monitor, self.loop.patience
+        if self.step_fn is not None or self.metrics_fn is not None:
+            return
+        validating = self.val_data is not None and self.loss_fn is not None
+        recorded = ["train_loss", "lr", *(["val_loss", "val_accuracy"] if validating else [])]
+        if monitor in recorded:
+            return
+        if monitor in ("val_loss", "val_accuracy"):
+            if patience is not None:
+                raise UsageError(f"monitor {monitor!r} needs val_data; without it patience={patience} never stops the "
+                                 "run: give val_data, or monitor='train_loss'")
+            return  # the best checkpoint falls back to the latest
+        raise UsageError(f"monitor {monitor!r} is not a metric this Trainer records ({', '.join(recorded)}); "
+                         "name one of those, or add yours with metrics_fn")
 
     # ------------------------------------------------------------ state
 
     def state_objects(self) -> dict[str, Any]:
         """Everything a checkpoint holds, by name. The per-rank part (random state) last: restored last."""
-        objects: dict[str, Any] = {}
-        for name, m in self.models.items():
-            objects[name] = unwrap(m)
+        objects: dict[str, Any] = {name: unwrap(m) for name, m in self.models.items()}
         objects.update(self.optimizers)
         objects.update(self.schedulers)
         objects["progress"] = self.progress
@@ -370,6 +533,7 @@ class Trainer:
 
     def save(self, metrics: Mapping[str, float] | None = None, *, wait: bool = False) -> Path | None:
         """Checkpoint the run now (with ``async_save``, written in the background unless ``wait``)."""
+        self._start()
         if self.store is None:
             return None
         # Every rank's part (random state, epoch sums) is gathered into the one checkpoint that rank 0 commits,
@@ -405,6 +569,7 @@ class Trainer:
         Before anything is restored into the objects, the checkpoint's config is compared with this Trainer's
         (a run-defining difference is refused unless ``allow_config_change``), and, given ``epochs``, a run that
         has more epochs done than that is refused: it cannot be the run asked for."""
+        self._start()
         if self.store is None and path is None:
             return None
         if path is None and self.main:
@@ -449,14 +614,6 @@ class Trainer:
             saved_config, differences = {}, []
         if differences:  # allowed: what changed applies from here
             self._apply_changed_hyperparameters(saved_config)
-        if differences and self.config.get("lr") is not None and saved_config.get("lr") != self.config["lr"]:
-            # The optimizer's saved param groups carry the old rate; an allowed change of --lr applies from here.
-            for opt in self.optimizers.values():
-                for group in opt.param_groups:
-                    group["lr"] = self.config["lr"]
-            for sched in self.schedulers.values():
-                if hasattr(sched, "base_lrs"):
-                    sched.base_lrs = [self.config["lr"]] * len(sched.base_lrs)
         if self.per_rank.world_size_changed and self.main:
             log.warn(
                 f"{path} was written by another number of ranks than the {self.world_size} resuming it: training "
@@ -480,7 +637,7 @@ class Trainer:
                 f"Ask for {done} or more to continue it, load its checkpoint with etappe.load, or use a new run folder"
             )
 
-    def _derived_config(self, train_data: Any) -> dict[str, Any]:
+    def _derived_config(self) -> dict[str, Any]:
         """The run-defining config of a Trainer made without one, from the objects it was given: what would make a
         resumed run a different run (the optimizers' hyperparameters, the batch size, the seed, ...)."""
         loss = self.loss_fn
@@ -497,30 +654,32 @@ class Trainer:
             return {"type": type(sched).__qualname__,
                     **{k: _plain(v) for k, v in state.items() if not k.startswith("_") and k not in _SCHEDULER_STATE}}
 
+        loop = self.loop
         return {
-            "batch_size": self.batches.batch_size,
-            "seed": self.seed,
-            "shuffle": self.batches.shuffle,
-            "clip_grad_norm": self.clip_grad_norm,
-            "scheduler_interval": self.scheduler_interval,
+            "batch_size": loop.batch_size,
+            "seed": loop.seed,
+            "shuffle": loop.shuffle,
+            "clip_grad_norm": loop.clip_grad_norm,
+            "scheduler_interval": loop.scheduler_interval,
             "models": {k: type(unwrap(m)).__qualname__ for k, m in self.models.items()},
             "optimizers": {k: optimizer(o) for k, o in self.optimizers.items()},
             "schedulers": {k: scheduler(s) for k, s in self.schedulers.items()},
             "loss_fn": loss_name if loss is not None else None,
-            "train_data": describe_data(train_data),
+            "train_data": describe_data(self.train_data),
         }
 
     def _apply_changed_hyperparameters(self, saved: Mapping[str, Any]) -> None:
-        """After an allowed change, the hyperparameters given to this Trainer's optimizers replace the restored
-        ones where they differ from the saved run's (the restored param groups carry the old ones)."""
+        """After an allowed change, the hyperparameters given to this Trainer replace the restored ones where they
+        differ from the saved run's (the restored param groups carry the old ones); a changed lr is the
+        schedulers' new base rate too."""
         for name, opt in self.optimizers.items():
-            new = (self.config.get("optimizers") or {}).get(name, {}).get("param_groups")
-            old = ((saved.get("optimizers") or {}).get(name) or {}).get("param_groups")
-            if not (isinstance(new, list) and isinstance(old, list) and len(new) == len(old) == len(opt.param_groups)):
+            groups = len(opt.param_groups)
+            old, new = _hyperparameters(saved, name, groups), _hyperparameters(self.config, name, groups)
+            if not len(new) == len(old) == groups:
                 continue  # another layout of groups: nothing to match
             for i, (group, was, now) in enumerate(zip(opt.param_groups, old, new)):
                 for key, value in now.items():
-                    if key == "params" or key not in group or (isinstance(was, Mapping) and was.get(key) == value):
+                    if key == "params" or key not in group or was.get(key) == value:
                         continue
                     group[key] = tuple(value) if isinstance(group[key], tuple) else value
                     if key == "lr":
@@ -528,187 +687,46 @@ class Trainer:
                             if hasattr(sched, "base_lrs") and i < len(sched.base_lrs):
                                 sched.base_lrs[i] = value
 
-    def _check_monitor(self, monitor: str, patience: int | None, metrics_fn: Any) -> None:
-        """A ``monitor`` this Trainer can never record is refused now, not found out after the run (when patience
-        would never have stopped it). A step_fn's or metrics_fn's metrics are known once an epoch ends."""
-        self._monitor_missing_told = False
-        if self.step_fn is not None or metrics_fn is not None:
-            return
-        validating = self.val_data is not None and self.loss_fn is not None
-        recorded = ["train_loss", "lr", *(["val_loss", "val_accuracy"] if validating else [])]
-        if monitor in recorded:
-            return
-        if monitor in ("val_loss", "val_accuracy"):
-            if patience is not None:
-                raise UsageError(f"monitor {monitor!r} needs val_data; without it patience={patience} never stops the "
-                                 "run: give val_data, or monitor='train_loss'")
-            return  # the best checkpoint falls back to the latest
-        raise UsageError(f"monitor {monitor!r} is not a metric this Trainer records ({', '.join(recorded)}); "
-                         "name one of those, or add yours with metrics_fn")
 
-    # ------------------------------------------------------------ the loop
+def _named(given: Any, name: str) -> dict[str, Any]:
+    """A Trainer's models, optimizers or schedulers by name: a dict as given, one object under ``name``."""
+    if given is None:
+        return {}
+    return dict(given) if isinstance(given, Mapping) else {name: given}
 
-    def fit(self, epochs: int) -> History:
-        """Train until ``epochs`` epochs are done in all (a resumed run continues; a finished one is extended).
-        A run with more epochs done than ``epochs`` is refused (UsageError), before anything is restored."""
-        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-            raise UsageError(f"epochs={epochs!r} is not valid; expected a positive integer")
-        if self.resumed_from is None:
-            self.resume(epochs=epochs)
-        self._refuse_fewer_epochs(self.progress.epoch, epochs)
-        p = self.progress
-        if p.finished:
-            if not self.quiet:
-                log.info(f"{self.run_dir} stopped early after epoch {p.epoch} ({self.monitor} no longer improved)")
-            return self.history
-        if self.store is not None and self.main:
-            self.store.lock()  # one writer per run folder, from here until close(); a second trainer stops here
-        last_save_time = time.monotonic()
-        writer = None
-        try:
-            # in the try: a refused tensorboard folder (a link out of the run) lets go of the run folder too
-            writer = log.tensorboard_writer(self.run_dir, p.epoch) if self.tensorboard and self.main else None
-            with preemption_guard() as preempt:
-                while p.epoch < epochs:
-                    for m in self.models.values():
-                        m.train()
-                    bar = log.progress_bar(len(self.batches), p.batches_done_in_epoch, p.epoch, epochs, self.show_progress)
-                    epoch_start = time.perf_counter() - p.seconds_in_epoch
-                    for batch in self._epoch_batches(p.epoch, p.batches_done_in_epoch):
-                        n, losses = self._train_step(batch)
-                        p.step += 1
-                        p.batches_done_in_epoch += 1
-                        p.samples_in_epoch += n
-                        p.loss_sum_in_epoch += losses.pop("loss") * n
-                        for k, v in losses.items():
-                            p.extra_sums_in_epoch[k] = p.extra_sums_in_epoch.get(k, 0.0) + v * n
-                        p.seconds_in_epoch = time.perf_counter() - epoch_start
-                        bar.update(p, self.world_size)
-                        stop = preempt["signal"] is not None
-                        due = bool(self.save_every and p.step % self.save_every == 0) or bool(
-                            self.save_every_seconds and time.monotonic() - last_save_time >= self.save_every_seconds
-                        )
-                        if self.world_size > 1:  # every rank must take the same branch: saves are collective
-                            stop, due = distributed.any_rank(stop, due)
-                        if stop:
-                            bar.close()
-                            path = self.save(wait=True)
-                            raise Preempted(
-                                f"{preempt['signal'] or 'a signal on another rank'} received: saved step {p.step} to {path}; "
-                                f"resume with: etappe resume {self.run_dir}"
-                            )
-                        if due:
-                            self.save()
-                            last_save_time = time.monotonic()
-                    bar.close()
-                    row = self._end_epoch(epochs)
-                    if writer is not None:
-                        log.tensorboard_row(writer, row)
-                    stop_early = self._should_stop_early(row)  # before the save, so the checkpoint holds its count
-                    p.finished = stop_early
-                    self.save({k: v for k, v in row.items() if isinstance(v, (int, float))})
-                    last_save_time = time.monotonic()
-                    if stop_early:
-                        if not self.quiet:
-                            log.info(f"Stopping early: {self.monitor} has not improved for {self.patience} epochs")
-                        break
-        except BaseException:
-            if self.store is not None and self.main:
-                try:
-                    self.store.close()  # an async write in flight holds a good state from before the failure
-                except EtappeError as exc:
-                    log.warn(f"the checkpoint being written in the background failed as well: {exc}")
-            raise
-        if writer is not None:
-            writer.close()
-        if self.store is not None and self.main:
-            try:
-                self.store.close()  # an async write in flight is committed before fit returns; its buffers freed
-            except EtappeError as exc:
-                raise TrainingError(f"the last checkpoint could not be written: {exc}") from None
-        if self.run_dir is not None and self.main:
-            log.write_history(self.run_dir, self.history)
-            log.plot_curves(self.run_dir, self.history)
-        return self.history
 
-    def _train_step(self, batch: Any) -> tuple[int, dict[str, float]]:
-        """One optimizer step. Returns the batch's sample count and its losses as floats."""
-        if self.step_fn is not None:
-            result = self.step_fn(batch)
-            losses = {"loss": result} if not isinstance(result, Mapping) else dict(result)
-            values = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in losses.items()}
-            values.setdefault("loss", next(iter(values.values()), 0.0))
-        else:
-            x, y = batch
-            loss = self.loss_fn(self.model(x), y)
-            value = loss.item()
-            if not math.isfinite(value):
-                raise self._non_finite(value)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if self.clip_grad_norm is not None:
-                nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad_norm)
-            self.optimizer.step()
-            values = {"loss": value}
-        if not all(math.isfinite(v) for v in values.values()):
-            raise self._non_finite(values["loss"])
-        if self.scheduler_interval == "step":
-            for s in self.schedulers.values():
-                s.step()
-        return _batch_len(batch), values
+def _options(loop: LoopOptions | None, saving: SaveOptions | None, show: ShowOptions | None,
+             keywords: Mapping[str, Any]) -> tuple[LoopOptions, SaveOptions, ShowOptions]:
+    """The three option groups, each as given (or its defaults) with the keywords of its fields applied."""
+    groups = [loop or LoopOptions(), saving or SaveOptions(), show or ShowOptions()]
+    known = {f.name: i for i, cls in enumerate(OPTION_CLASSES) for f in dataclasses.fields(cls)}
+    unknown = sorted(set(keywords) - set(known))
+    if unknown:
+        raise UsageError(f"Trainer got unknown options {', '.join(unknown)}; its options are: {', '.join(known)}")
+    for i in range(len(groups)):
+        mine = {k: v for k, v in keywords.items() if known[k] == i}
+        if mine:
+            if "device" in mine and isinstance(mine["device"], torch.device):
+                mine["device"] = str(mine["device"])
+            groups[i] = dataclasses.replace(groups[i], **mine)
+    return groups[0], groups[1], groups[2]
 
-    def _non_finite(self, value: float) -> TrainingError:
-        p = self.progress
-        return TrainingError(
-            f"the loss became {value} at epoch {p.epoch + 1}, step {p.step + 1}; training stopped and nothing "
-            "from this step on was saved (try a lower --lr or --clip-grad-norm)"
-        )
 
-    def _end_epoch(self, epochs: int) -> dict[str, Any]:
-        p = self.progress
-        totals = distributed.all_reduce_sum([p.loss_sum_in_epoch, float(p.samples_in_epoch)])
-        samples = totals[1]
-        row: dict[str, Any] = {"epoch": p.epoch + 1, "step": p.step, "train_loss": totals[0] / max(samples, 1)}
-        for k, v in sorted(p.extra_sums_in_epoch.items()):
-            row[f"train_{k}"] = v / max(p.samples_in_epoch, 1)
-        if self.val_data is not None and self.loss_fn is not None:
-            result = evaluate(unwrap(self.model), self.val_data, self.loss_fn)
-            row["val_loss"] = result["loss"]
-            if "accuracy" in result:
-                row["val_accuracy"] = result["accuracy"]
-        if self.metrics_fn is not None:
-            row.update(self.metrics_fn(self))
-        if self.optimizers:
-            row["lr"] = next(iter(self.optimizers.values())).param_groups[0]["lr"]
-        if self.scheduler_interval == "epoch":
-            for s in self.schedulers.values():
-                s.step()
-        row["seconds"] = p.seconds_in_epoch
-        row["samples_per_s"] = samples / p.seconds_in_epoch if p.seconds_in_epoch > 0 else 0.0
-        self.history.append(row)
-        if self.run_dir is not None and self.main:
-            log.write_history(self.run_dir, self.history)
-        if not self.quiet:
-            log.info(log.epoch_line(row, epochs))
-        p.epoch += 1
-        p.start_epoch()
-        return row
+def _hyperparameters(config: Mapping[str, Any], name: str, groups: int) -> list[Mapping[str, Any]]:
+    """Optimizer ``name``'s hyperparameters per param group, as a run's config records them: each group's, in a
+    config a Trainer derives from its objects; the CLI's one ``lr`` for every group."""
+    recorded = ((config.get("optimizers") or {}).get(name) or {}).get("param_groups")
+    if isinstance(recorded, list):
+        return [g if isinstance(g, Mapping) else {} for g in recorded]
+    return [{"lr": config["lr"]}] * groups if config.get("lr") is not None else []
 
-    def _should_stop_early(self, row: Mapping[str, Any]) -> bool:
-        p = self.progress
-        value = row.get(self.monitor)
-        if value is None:
-            if self.patience is not None and not self._monitor_missing_told and not self.quiet:
-                self._monitor_missing_told = True
-                log.warn(f"monitor {self.monitor!r} is not among this run's metrics ({', '.join(row)}): "
-                         f"patience={self.patience} does nothing")
-            return False
-        better = (lambda a, b: a > b) if "acc" in self.monitor else (lambda a, b: a < b)
-        if p.best_metric is None or better(value, p.best_metric):
-            p.best_metric, p.epochs_without_improvement = value, 0
-        else:
-            p.epochs_without_improvement += 1
-        return self.patience is not None and p.epochs_without_improvement >= self.patience
+
+def _as_floats(result: Any) -> dict[str, float]:
+    """A step's result (a loss tensor, or a dict of named losses and numbers) as floats, ``loss`` first named."""
+    losses = {"loss": result} if not isinstance(result, Mapping) else dict(result)
+    values = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in losses.items()}
+    values.setdefault("loss", next(iter(values.values()), 0.0))
+    return values
 
 
 # Param-group keys that are not hyperparameters: how the step is computed, not what it computes.
@@ -801,9 +819,7 @@ class _SeededBatches(torch.utils.data.Dataset):
 
     def __getitems__(self, items: list[tuple[int, int]]) -> list[Any]:
         if items and torch.utils.data.get_worker_info() is not None:
-            from etappe.state import seed_everything
-
-            seed_everything((self.seed * 1_000_003 + self.epoch) * 1_000_003 + items[0][0])
+            seed_everything(derive_seed(self.seed, self.epoch, items[0][0]))
         return [self.dataset[i] for _, i in items]
 
     def __getitem__(self, item: tuple[int, int]) -> Any:

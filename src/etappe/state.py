@@ -30,7 +30,18 @@ class Progress:
     seconds_in_epoch: float = 0.0
     best_metric: float | None = None
     epochs_without_improvement: int = 0
-    finished: bool = False
+    stopped_early: bool = False  # the monitored metric stopped improving: patience ended the run
+
+    def add_batch(self, samples: int, losses: dict[str, float]) -> None:
+        """Count one optimizer step of ``samples`` samples and add its losses to the epoch's sums."""
+        self.step += 1
+        self.batches_done_in_epoch += 1
+        self.samples_in_epoch += samples
+        for k, v in losses.items():
+            if k == "loss":
+                self.loss_sum_in_epoch += v * samples
+            else:
+                self.extra_sums_in_epoch[k] = self.extra_sums_in_epoch.get(k, 0.0) + v * samples
 
     def start_epoch(self) -> None:
         self.batches_done_in_epoch = self.samples_in_epoch = 0
@@ -41,6 +52,7 @@ class Progress:
         return asdict(self)
 
     def load_state_dict(self, state: dict) -> None:
+        state = {"stopped_early": state.get("finished", False), **state}  # its name before etappe 0.2
         for f in fields(self):
             if f.name in state:
                 setattr(self, f.name, state[f.name])
@@ -163,13 +175,15 @@ def derive_seed(seed: int, *parts: int) -> int:
 
 @contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """``model`` in eval mode for the block, then back in the mode it was in, whatever happens in the block."""
-    was_training = model.training
+    """``model`` in eval mode for the block, then each submodule back in its own mode, whatever happens in the block
+    (not one flag for all: a submodule frozen in eval mode stays so, which ``model.train(was)`` would undo)."""
+    modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
         yield model
     finally:
-        model.train(was_training)
+        for m, training in modes:
+            m.training = training
 
 
 def unwrap(model: nn.Module) -> nn.Module:

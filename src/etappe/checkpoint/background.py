@@ -2,8 +2,7 @@
 memory, and a writer that runs one save at a time in a background thread and keeps its failure until told.
 
 The pool allocates on the first save and is reused after: copying into memory already faulted in runs several
-times faster than into fresh memory (~14 GB/s against ~2.8 GB/s here), and the copy is most of what the caller
-waits for. Because each file is already whole in one page-aligned buffer, the writer sends it to the disk with
+times faster than into fresh memory, and the copy is most of what the caller waits for. Because each file is already whole in one page-aligned buffer, the writer sends it to the disk with
 O_DIRECT, around the page cache, and takes next to no CPU from the training that goes on meanwhile.
 """
 
@@ -20,8 +19,7 @@ from etappe.checkpoint import tensorfile
 from etappe.checkpoint.errors import CheckpointError
 
 # The writer thread's nice value (Linux sets it per thread): training threads win the CPU whenever they want it,
-# and the write (mostly waiting on O_DIRECT I/O) proceeds in their gaps. Measured here, 3.2 GB under a 2-thread
-# foreground MLP: nice 10 kept the MLP at ~0.83x its rate against ~0.77x at nice 0; the write took 2.7 s, not 1.6.
+# and the write (mostly waiting on O_DIRECT I/O) proceeds in their gaps, a little slower.
 NICE = 10
 
 

@@ -4,7 +4,7 @@ JSON carries None, bools, strings, ints, finite floats, lists and dicts with str
 Everything JSON would blur is tagged with ``"$type"``: tuples, non-finite floats, dicts with other keys
 (the optimizer's int-keyed ``state``), bytes, numpy arrays, torch's per-module ``_metadata``, and tensors,
 which become references by name into the entry's safetensors file. A tensor reachable under two keys
-(a tied weight) is stored once and both keys get the same tensor object back.
+(a tied weight, as ``tied.key`` tells) is stored once and both keys get the same tensor object back.
 """
 
 import base64
@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from etappe.checkpoint import tied
 from etappe.checkpoint.errors import CheckpointError
 
 TAG = "$type"
@@ -30,7 +31,7 @@ def encode(value: Any, where: str) -> tuple[Any, dict[str, torch.Tensor]]:
         problem = _unsavable(t)
         if problem:
             raise CheckpointError(f"cannot save {where}{_show(path)}: {problem}")
-        view = _view_key(t)
+        view = tied.key(t)
         if view in names_by_view:
             return {TAG: "tensor", "name": names_by_view[view]}
         name = _fresh_name(".".join(map(str, path)) or "value", tensors)
@@ -166,14 +167,6 @@ def _unsavable(t: torch.Tensor) -> str | None:
     if t.device.type == "meta":
         return "a tensor on the meta device has no data to save"
     return None
-
-
-def _view_key(t: torch.Tensor) -> tuple | None:
-    """Two tensors with the same key are the same view of the same memory: a tied weight, saved once."""
-    storage = t.untyped_storage()
-    if storage.nbytes() == 0:
-        return None
-    return (storage.data_ptr(), t.device, t.dtype, t.storage_offset(), tuple(t.shape), tuple(t.stride()))
 
 
 def _fresh_name(name: str, taken: Mapping[str, Any]) -> str:

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from etappe.checkpoint import codec, fsio, kinds, manifest, sharded, tensorfile, torchsave
+from etappe.checkpoint import codec, fsio, kinds, manifest, sharded, tensorfile, tied, torchsave
 from etappe.checkpoint.errors import CheckpointError, NewerFormatError
 from etappe.errors import UsageError
 
@@ -170,23 +170,10 @@ def restore(path: Path, entries: Mapping[str, Any], objects: Mapping[str, Any]) 
         if isinstance(state, sharded.Shards) or name in done:
             continue
         if not isinstance(obj, torch.nn.Module):  # a module copies into its parameters; an optimizer keeps the
-            state = _owned(state, {})  # tensors it is given, which would pin the checkpoint's file until exit
+            state = tied.owned(state)  # tensors it is given, which would pin the checkpoint's file until exit
         kinds.load_into(obj, state, f"{path} entry {name!r}")
     return {name: sharded.materialize(value) if isinstance(value, sharded.Shards) else value
             for name, value in entries.items() if name not in objects}
-
-
-def _owned(value: Any, copies: dict[int, torch.Tensor]) -> Any:
-    """``value`` with every tensor copied into memory of its own (tied tensors stay tied)."""
-    if isinstance(value, torch.Tensor):
-        if id(value) not in copies:
-            copies[id(value)] = value.clone()
-        return copies[id(value)]
-    if isinstance(value, dict):
-        return {k: _owned(v, copies) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_owned(v, copies) for v in value)
-    return value
 
 
 def encode(objects: Mapping[str, Any]) -> dict[str, tuple[dict, dict[str, torch.Tensor]]]:
@@ -236,8 +223,7 @@ def _write_files(folder: Path, encoded: dict, taken: set[str], written: dict[str
     for entry, (record, tensors) in encoded.items():
         record = dict(record)
         if isinstance(tensors, tensorfile.Image):
-            record["tensors"] = put(f"{entry}.safetensors",
-                                    lambda path, hasher: fsio.write_direct(path, tensors.buffer, tensors.size, hasher))
+            record["tensors"] = put(f"{entry}.safetensors", tensors.write)
         elif tensors:
             record["tensors"] = put(f"{entry}.safetensors",
                                     lambda path, hasher: fsio.write_file(path, tensorfile.chunks(tensors), hasher))
@@ -248,27 +234,23 @@ def _write_files(folder: Path, encoded: dict, taken: set[str], written: dict[str
 
 
 def _write_new(path: Path, encoded: dict, meta: dict, shards) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fsio.sweep(path.parent, path.name)  # leftovers of crashed saves of this name; saves in progress hold a lock
-    with fsio.temp_folder(path) as tmp:  # locked until committed; removed if anything fails
+    def write_files(tmp: Path) -> tuple[str, bytes]:
         records, files = shards(tmp) if shards is not None else ({}, {})
         state = _write_files(tmp, encoded, set(), files, records)
-        manifest.write(tmp, files, state, meta)
-        fsio.fsync_dir(tmp)
-        fsio.replace(tmp, path)  # the commit
+        return manifest.MANIFEST, manifest.encode(files, state, meta)
+
+    fsio.commit_folder(path, write_files)
 
 
 def _overwrite(path: Path, encoded: dict, meta: dict, old_files: set[str], shards) -> None:
-    tmp_manifest = fsio.temp_path(path / manifest.MANIFEST)
     files: dict[str, tuple[int, str]] = {}
     try:
         records, shard_files = shards(path) if shards is not None else ({}, {})
         files.update(shard_files)  # in a new shards-<random>/ beside the old one
         state = _write_files(path, encoded, old_files, files, records)
-        manifest.write(path, files, state, meta, name=tmp_manifest.name)
-        fsio.replace(tmp_manifest, path / manifest.MANIFEST)  # the commit
+        fsio.atomic_write_bytes(path / manifest.MANIFEST, manifest.encode(files, state, meta))  # the commit
     except BaseException:
-        for name in {n.split("/")[0] for n in files} | {tmp_manifest.name}:
+        for name in {n.split("/")[0] for n in files}:
             fsio.remove_quietly(path / name)
         raise
     kept = {name.split("/")[0] for name in files}

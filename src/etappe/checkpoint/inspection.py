@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from etappe.checkpoint import codec, folder, kinds, manifest, sharded, tensorfile, torchsave
+from etappe.checkpoint import codec, folder, kinds, manifest, sharded, tensorfile, tied, torchsave
 from etappe.checkpoint.errors import CheckpointError
 
 _BUFFERS = ("running_mean", "running_var", "num_batches_tracked")  # in a module state_dict, not parameters
@@ -125,9 +125,8 @@ def _describe(name: str, kind: str, typ: str | None, value: Any, parameters: int
             if not (isinstance(value, Mapping) and all(isinstance(k, str) for k in value)):
                 raise CheckpointError(f"a model's state is {_a(value)}, not a state_dict of named tensors")
             listed = [{"name": k, **_tensor(t)} for k, t in value.items() if _is_tensor(t)]
-            unique = {id(t): t for t in value.values() if _is_tensor(t)}
             out["parameters"] = parameters if parameters is not None else _count_parameters(value)
-            out["bytes"] = sum(_tensor(t)["bytes"] for t in unique.values())
+            out["bytes"] = sum(_tensor(t)["bytes"] for t in tied.distinct(filter(_is_tensor, value.values())))
             out["tensors"] = listed
         elif kind == kinds.OPTIMIZER:
             groups, state = _optimizer_parts(value)
@@ -213,15 +212,8 @@ def _tensors_in(value: Any) -> list[Any]:
 
 def _count_parameters(state: Mapping[str, Any]) -> int:
     """Elements of a module state_dict's tensors, tied ones once, without the usual buffers."""
-    seen, total = set(), 0
-    for key, t in state.items():
-        if not _is_tensor(t) or key.rsplit(".", 1)[-1] in _BUFFERS:
-            continue
-        ident = (t.data_ptr(), t.shape) if isinstance(t, torch.Tensor) and t.numel() else id(t)
-        if ident not in seen:
-            seen.add(ident)
-            total += math.prod(_tensor(t)["shape"])
-    return total
+    params = [t for key, t in state.items() if _is_tensor(t) and key.rsplit(".", 1)[-1] not in _BUFFERS]
+    return sum(math.prod(_tensor(t)["shape"]) for t in tied.distinct(params))
 
 
 def _guess_optimizer(groups: list) -> str:

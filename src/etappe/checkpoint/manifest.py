@@ -16,19 +16,20 @@ from typing import Any
 import torch
 import xxhash
 
-from etappe.checkpoint import fsio
+from etappe.checkpoint import reading
 from etappe.checkpoint.errors import CheckpointError, NewerFormatError
 
 MANIFEST = "manifest.json"
 FORMAT = "etappe-checkpoint"
 FORMAT_VERSION = 1
-CHECKSUM = "xxh3_128"  # ~20 GB/s in memory; crc32 ~4 GB/s, sha256 ~1.8 GB/s on the same machine
+CHECKSUM = "xxh3_128"  # the fastest to compute of the checksums measured (benchmarks/bench_checksum.py)
 _SELF = b'"manifest_checksum": "'
 _DIGITS = 32
 SHARDS = "shards-"  # the prefix of the subfolder DCP writes sharded state into (see sharded.py)
 MAX_BYTES = 16 << 20  # a manifest lists files: ~100 bytes each, so this is 160,000 of them; larger is not one
 # state.json holds JSON values only (tensors live in safetensors files): an Adam optimizer's records, every RNG's
-# state and a history of 10,000 epochs make ~2 MB; larger is not one etappe wrote (and parsing costs ~12x its size)
+# state and a history of 10,000 epochs make a few MB; larger is not one etappe wrote (and parsing costs many times
+# its size in memory)
 STATE_MAX_BYTES = 32 << 20
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,255}")  # what etappe and DCP name files; no NUL, no separator, fits any fs
 _HEX = re.compile(r"[0-9a-f]{32}")
@@ -45,8 +46,9 @@ def checksum(data: bytes | bytearray | memoryview) -> str:
     return xxhash.xxh3_128_hexdigest(data)
 
 
-def write(folder: Path, files: dict[str, tuple[int, str]], state: str, meta: dict[str, Any], name: str = MANIFEST) -> Path:
-    """Write the manifest for ``files`` ({name: (size, checksum)}) into ``folder`` as ``name`` and fsync it."""
+def encode(files: dict[str, tuple[int, str]], state: str, meta: dict[str, Any]) -> bytes:
+    """The manifest for ``files`` ({name: (size, checksum)}), ``state`` (the state file's name) and ``meta`` (the
+    store's step and metrics), with its own checksum filled in: what ``fsio.commit_folder`` writes last."""
     body = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -62,9 +64,7 @@ def write(folder: Path, files: dict[str, tuple[int, str]], state: str, meta: dic
     text = bytearray((json.dumps(body, indent=1, allow_nan=False) + "\n").encode())
     at = text.rindex(_SELF) + len(_SELF)
     text[at : at + _DIGITS] = checksum(text).encode()
-    path = folder / name
-    fsio.write_file(path, [bytes(text)])
-    return path
+    return bytes(text)
 
 
 def read(folder: Path, *, step: int | None = None) -> dict[str, Any]:
@@ -80,7 +80,7 @@ def read(folder: Path, *, step: int | None = None) -> dict[str, Any]:
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: no such checkpoint folder")
     try:
-        fd = fsio.open_listed(folder, MANIFEST)
+        fd = reading.open_listed(folder, MANIFEST)
     except FileNotFoundError:
         raise CheckpointError(
             f"{path}: missing, so {folder} is not a committed checkpoint "
@@ -227,7 +227,7 @@ def read_verified(folder: Path, name: str, entry: dict[str, Any]) -> mmap.mmap |
     path = folder / name
     expected = entry["size"]
     try:
-        fd = fsio.open_listed(folder, name)
+        fd = reading.open_listed(folder, name)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing (the manifest lists it with {expected} bytes)") from None
     except OSError as e:
@@ -237,7 +237,7 @@ def read_verified(folder: Path, name: str, entry: dict[str, Any]) -> mmap.mmap |
         if found != expected:
             hint = "truncated" if found < expected else "has extra bytes"
             raise CheckpointError(f"{path}: {found} bytes, the manifest says {expected} ({hint}); the file is corrupt")
-        data = fsio.map_fd(fd, expected, path)
+        data = reading.map_fd(fd, expected, path)
     except (OSError, EOFError) as e:
         raise CheckpointError(f"{path}: cannot read: {getattr(e, 'strerror', None) or e}") from None
     finally:

@@ -6,18 +6,14 @@ rank 0 lists all of it in the manifest, so the one commit, the checksums and the
 they cover every other file. Loading goes through DCP too, which reshards: a checkpoint from N ranks loads on M
 ranks, or into a plain model in one process.
 
-DCP keeps its metadata as a pickle, and small values (an optimizer's param groups) as ``torch.save`` blobs that
-its load planners unpickle fully. Here the metadata is read by an unpickler that only builds DCP's own metadata
-classes (and torch.Size, dtypes, layouts, paths) and never sets state on a class; the values by planners that use
-``torch.load(weights_only=True)``, with every sparse tensor checked against its invariants as ``torchsave.read``
-checks them; and only files the manifest lists are read. Anything else is refused, never run.
+DCP keeps its metadata as a pickle, and small values as ``torch.save`` blobs that its load planners unpickle fully:
+everything sharded is read through the reader and planners of safe_dcp.py, which refuse to run anything, and only
+files the manifest lists are read.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import pickle
 import re
 import secrets
 import warnings
@@ -28,7 +24,7 @@ from typing import Any
 
 import torch
 
-from etappe.checkpoint import fsio, kinds, manifest, torchsave
+from etappe.checkpoint import fsio, kinds, manifest
 from etappe.checkpoint.errors import CheckpointError
 from etappe.errors import UsageError
 
@@ -58,6 +54,8 @@ class Shards:
         return self.folder / self.record["shards"]
 
     def reader(self):
+        from etappe.checkpoint.safe_dcp import SafeReader
+
         return SafeReader(self.directory, self.listed)
 
 
@@ -71,9 +69,9 @@ def is_sharded(obj: Any) -> bool:
 
 def is_sharded_module(module: torch.nn.Module) -> bool:
     """Whether ``module`` (or a submodule) holds DTensor parameters, as FSDP2's ``fully_shard`` leaves it."""
-    import torch.distributed as dist
+    from etappe import distributed
 
-    if not (dist.is_available() and dist.is_initialized()):
+    if not distributed.active():
         return False  # sharding needs a process group; and this spares importing DTensor
     from torch.distributed.tensor import DTensor
 
@@ -132,6 +130,8 @@ def write(target: Path | None, objects: Mapping[str, Any]) -> tuple[dict[str, di
         if target is None:
             return {}, {}
         files = {name: entry for part in gathered for name, entry in part.items()}
+        from etappe.checkpoint.safe_dcp import SafeReader
+
         SafeReader(directory, {name.split("/", 1)[1] for name in files}).read_metadata()  # every file it names is listed
         fsio.fsync_dir(directory)
     except BaseException:
@@ -181,7 +181,7 @@ def _hash_own_files(directory: Path, sub: str, rank: int) -> dict:
 
 def _failures() -> tuple[type[BaseException], ...]:
     """What a DCP call raises: its CheckpointException (a BaseException) or any error. Imported only when one
-    happens, since importing DCP costs ~0.7 s."""
+    happens, since importing DCP is slow."""
     from torch.distributed.checkpoint.api import CheckpointException
 
     return (Exception, CheckpointException)
@@ -192,15 +192,13 @@ def _dcp_error(e: BaseException, what: str) -> CheckpointError:
     CheckpointException of every rank's failures), anything else in one line after ``what``."""
     from torch.distributed.checkpoint.api import CheckpointException
 
+    from etappe.checkpoint.safe_dcp import one_line
+
     causes = [exc for exc, _ in e.failures.values()] if isinstance(e, CheckpointException) else [e]
     for cause in causes:
         if isinstance(cause, CheckpointError):
             return cause
-    return CheckpointError(f"{what}: " + "; ".join(f"{type(c).__name__}: {_one_line(c)}" for c in causes))
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())[:500] or type(e).__name__
+    return CheckpointError(f"{what}: " + "; ".join(f"{type(c).__name__}: {one_line(c)}" for c in causes))
 
 
 def _unsharded_type(module: torch.nn.Module) -> str:
@@ -230,6 +228,8 @@ def restore(path: Path, entries: Mapping[str, Any], objects: Mapping[str, Any]) 
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
+    from etappe.checkpoint import safe_dcp
+
     names = [n for n in objects if isinstance(entries[n], Shards)]
     modules = [n for n in names if isinstance(objects[n], torch.nn.Module)]
     for n in names:
@@ -245,7 +245,7 @@ def restore(path: Path, entries: Mapping[str, Any], objects: Mapping[str, Any]) 
             with warnings.catch_warnings():  # one process alone is what we mean; DCP warns about it
                 warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
                 dcp.load({keys[n]: s for n, s in state.items()}, storage_reader=entries[module_name].reader(),
-                         planner=_classes().planner(where=entries[module_name].directory))
+                         planner=safe_dcp.SafeLoadPlanner(where=entries[module_name].directory))
         except _failures() as e:
             raise _dcp_error(e, f"cannot restore {path} entry {module_name!r} from its shards") from None
         if optimizers:
@@ -294,12 +294,14 @@ def materialize(shards: Shards) -> Any:
     tensors, an optimizer's state keyed by parameter name."""
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
+    from etappe.checkpoint.safe_dcp import SafeEmptyStateDictLoadPlanner
+
     state: dict[str, Any] = {}
     key = shards.record["key"]
     # What torch.distributed.checkpoint.format_utils.dcp_to_torch_save does: build the state from the metadata.
     try:
         _load_state_dict(state, storage_reader=shards.reader(),
-                         planner=_classes().empty_planner(keys={key}, where=shards.directory), no_dist=True)
+                         planner=SafeEmptyStateDictLoadPlanner(keys={key}, where=shards.directory), no_dist=True)
     except _failures() as e:
         raise _dcp_error(e, f"cannot read the shards in {shards.directory}") from None
     return state[key]
@@ -323,146 +325,3 @@ def tensor_infos(shards: Shards) -> dict[str, tuple[tuple[int, ...], str, int]]:
                                       f"{str(size)[:80]} and dtype {str(dtype)[:40]}, not a shape and a torch dtype")
             out[name.removeprefix(key)] = (tuple(size), str(dtype).removeprefix("torch."), math.prod(size) * dtype.itemsize)
     return out
-
-
-def _allowed() -> dict[tuple[str, str], Any]:
-    import pathlib
-
-    import torch.distributed.checkpoint.filesystem as filesystem
-    import torch.distributed.checkpoint.metadata as metadata
-
-    allowed: dict[tuple[str, str], Any] = {
-        ("torch", "Size"): torch.Size,
-        ("torch.serialization", "_get_layout"): torch.serialization._get_layout,
-        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"): filesystem._StorageInfo,
-    }
-    for cls in (pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePosixPath, pathlib.PureWindowsPath):
-        allowed[("pathlib", cls.__name__)] = cls
-    for name in dir(metadata):  # DCP's metadata dataclasses and enums, and nothing callable beyond them
-        value = getattr(metadata, name)
-        if isinstance(value, type) and value.__module__ == metadata.__name__:
-            allowed[(metadata.__name__, name)] = value
-    for name in dir(torch):
-        if isinstance(getattr(torch, name, None), torch.dtype):
-            allowed[("torch", name)] = getattr(torch, name)
-    return allowed
-
-
-class _MetadataUnpickler(pickle._Unpickler):  # the Python one: its opcodes can be overridden
-    """Builds DCP metadata and nothing else (the "restricting globals" recipe of Python's pickle documentation):
-    globals only from the allowlist, and state set only on instances of allowed classes, never on a class."""
-
-    dispatch = dict(pickle._Unpickler.dispatch)
-
-    def __init__(self, file, where: Path) -> None:
-        super().__init__(file)
-        self.where = where
-        self.allowed = _allowed()
-        self.classes = tuple(v for v in self.allowed.values() if isinstance(v, type))
-
-    def find_class(self, module: str, name: str) -> Any:
-        try:
-            return self.allowed[(module, name)]
-        except KeyError:
-            raise self._refuse(f"{module}.{name}") from None
-
-    def load_build(self) -> None:
-        target = self.stack[-2]
-        if isinstance(target, type) or not isinstance(target, self.classes):
-            raise self._refuse(f"setting the state of {type(target).__name__!r} {target!r}"[:200])
-        pickle._Unpickler.load_build(self)
-
-    dispatch[pickle.BUILD[0]] = load_build
-
-    def _refuse(self, what: str) -> CheckpointError:
-        return CheckpointError(
-            f"{self.where}: refusing to load {what}; DCP metadata holds only DCP's own classes, "
-            "so this file was not written by torch.distributed.checkpoint (or was altered)"
-        )
-
-
-def _make_classes():
-    """DCP's reader and load planners made safe, built on first use so DCP is imported only when needed."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, _EmptyStateDictLoadPlanner
-    from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
-
-    class SafeReader(dcp.FileSystemReader):
-        """DCP's file system reader that reads metadata without running code from it, and only files the
-        manifest lists (``listed``; None: not checked)."""
-
-        def __init__(self, path: str | os.PathLike, listed: frozenset[str] | set[str] | None = None) -> None:
-            super().__init__(path)
-            self.listed = listed
-
-        def read_metadata(self, *args: Any, **kwargs: Any):
-            rank = kwargs.get("rank")
-            path = Path(self.path) / (".metadata" if rank is None else f"__{rank}.metadata")
-            try:
-                with open(path, "rb") as f:
-                    metadata = _MetadataUnpickler(f, path).load()
-            except CheckpointError:
-                raise
-            except Exception as e:  # anything malformed: a truncated stream, a wrong argument to a class
-                raise CheckpointError(f"{path}: cannot read DCP metadata ({type(e).__name__}: {e})") from None
-            storage = metadata.storage_data if isinstance(metadata, Metadata) else None
-            if not isinstance(storage, Mapping):  # a dtype, say: any class the unpickler allows can be the whole file
-                raise CheckpointError(f"{path}: not DCP metadata (no map of where each value is stored)")
-            if self.listed is not None:
-                for info in storage.values():
-                    name = getattr(info, "relative_path", None)
-                    if not isinstance(name, str) or name not in self.listed:
-                        raise CheckpointError(f"{path}: names a data file {name!r} that the manifest does not list")
-            if getattr(metadata, "storage_meta", None) is None:
-                metadata.storage_meta = StorageMeta()
-            metadata.storage_meta.load_id = self.load_id
-            return metadata
-
-    class Safe:
-        """DCP's own ``load_bytes``, with ``torch.load(weights_only=True)`` instead of a full unpickle, and sparse
-        tensors checked (densifying one with out-of-range indices reads and writes out of bounds)."""
-
-        def __init__(self, *args: Any, where: Path, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            self.where = where  # the shards folder, for messages
-
-        def load_bytes(self, read_item, value) -> None:
-            try:
-                obj = torch.load(value, weights_only=True)
-            except pickle.UnpicklingError as e:
-                raise CheckpointError(f"{self.where}: refusing to load a value of the shards: {_one_line(e)}") from None
-            stored = (getattr(self.metadata, "storage_data", None) or {}).get(read_item.storage_index)
-            file = getattr(stored, "relative_path", None)
-            torchsave.check_sparse(self.where / file if isinstance(file, str) else self.where, obj)
-            if self.flatten_state_dict:
-                from torch.distributed.checkpoint._traverse import set_element
-
-                set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
-            else:
-                self.state_dict[read_item.dest_index.fqn] = obj
-
-    planner = type("SafeLoadPlanner", (Safe, DefaultLoadPlanner), {})
-    empty_planner = type("SafeEmptyStateDictLoadPlanner", (Safe, _EmptyStateDictLoadPlanner), {})
-    return _Classes(SafeReader, planner, empty_planner)
-
-
-@dataclass(frozen=True)
-class _Classes:
-    reader: type
-    planner: type
-    empty_planner: type
-
-
-_CLASSES: _Classes | None = None
-
-
-def _classes() -> _Classes:
-    global _CLASSES
-    if _CLASSES is None:
-        _CLASSES = _make_classes()
-    return _CLASSES
-
-
-def SafeReader(path: str | os.PathLike, listed: frozenset[str] | set[str] | None = None):  # noqa: N802
-    """DCP's FileSystemReader for ``path`` that never runs code from its metadata and reads only ``listed`` files."""
-    return _classes().reader(path, listed)

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from etappe import distributed
-from etappe.checkpoint import background, codec, folder, fsio, manifest
+from etappe.checkpoint import background, codec, folder, fsio, locks, manifest
 from etappe.checkpoint import sharded as shards
 from etappe.checkpoint.errors import CheckpointError, CheckpointWarning, NewerFormatError
 from etappe.errors import UsageError
@@ -90,7 +90,7 @@ class CheckpointStore:
         self.async_save = bool(async_save)
         self._pool = background.SnapshotPool()
         self._writer = background.Writer()
-        self._lock: fsio.Lock | None = None
+        self._lock: locks.Lock | None = None
         self._warned: set[str] = set()  # folders named unlike a step that a reader ignored and said so
 
     def path_for(self, step: int) -> Path:
@@ -102,7 +102,7 @@ class CheckpointStore:
         if self._lock is not None and self._lock.fd is not None:
             return
         self._refuse_linked_root("save checkpoints in")
-        self._lock = fsio.lock_writer(self.root)
+        self._lock = locks.lock_writer(self.root)
         fsio.sweep(self.root, writer=True)
 
     def save(self, step: int, objects: Mapping[str, Any], metrics: Mapping[str, float] | None = None, *,

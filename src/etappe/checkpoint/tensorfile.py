@@ -19,8 +19,9 @@ from pathlib import Path
 
 import torch
 
-from etappe.checkpoint import fsio
+from etappe.checkpoint import direct, fsio, reading
 from etappe.checkpoint.errors import CheckpointError
+from etappe.errors import first_line
 
 _CODES = {
     "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
@@ -107,6 +108,13 @@ class Image:
         else:
             place.copy_(t.detach().resolve_conj().resolve_neg().contiguous().reshape(-1).view(torch.uint8))
 
+    def write(self, path: Path, hasher=None) -> int:
+        """Write the file to new file ``path`` and fsync it, from the buffer itself, around the page cache where
+        the file system allows it (``direct.write_aligned``). Returns its size."""
+        if direct.write_aligned(path, self.buffer, self.size, hasher):
+            return self.size
+        return fsio.write_file(path, [memoryview(self.buffer)[: self.size]], hasher)
+
 
 def parse(buf, where: Path) -> dict[str, torch.Tensor]:
     """Tensors viewing ``buf`` (a writable buffer: an mmap or bytearray), a whole, verified safetensors file."""
@@ -128,8 +136,7 @@ def parse(buf, where: Path) -> dict[str, torch.Tensor]:
             else:
                 out[name] = flat.view(dtype).reshape(shape)
         except (RuntimeError, ValueError) as e:  # a shape torch refuses (too many dimensions, say)
-            said = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise CheckpointError(f"{where}: tensor {name[:80]!r} of shape {list(shape[:8])}: {said}") from None
+            raise CheckpointError(f"{where}: tensor {name[:80]!r} of shape {list(shape[:8])}: {first_line(e)}") from None
     return out
 
 
@@ -137,7 +144,7 @@ def infos(path: Path) -> dict[str, TensorInfo]:
     """Names, shapes, dtypes and sizes of the tensors in a safetensors file, reading only its header (a symbolic
     link to one is not followed)."""
     try:
-        fd = fsio.open_listed(path.parent, path.name)
+        fd = reading.open_listed(path.parent, path.name)
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from None
     with open(fd, "rb") as f:

@@ -23,7 +23,7 @@ import torch
 
 from etappe.checkpoint import kinds
 from etappe.checkpoint.errors import CheckpointError, TrustError
-from etappe.errors import UsageError
+from etappe.errors import UsageError, first_line
 
 # A saved key, with these endings or in this table, also answers to the name on the right: load(f, model=net)
 # finds 'model_state_dict', 'state_dict' or 'model'; load(f, modelA=a) finds 'modelA_state_dict'.
@@ -64,7 +64,7 @@ def check_archive(path: Path, what: str = "torch.save file") -> list[zipfile.Zip
         with zipfile.ZipFile(path) as z:
             infos = z.infolist()
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, struct.error) as e:
-        raise CheckpointError(f"{path}: not a readable {what}: not a valid zip archive ({_first_line(e)}); the "
+        raise CheckpointError(f"{path}: not a readable {what}: not a valid zip archive ({first_line(e)}); the "
                               "file is truncated or damaged") from None
     stored = code = 0
     for info in infos:
@@ -137,7 +137,7 @@ def read(path: Path, *, trusted: bool = False) -> Any:
         try:
             return safetensors.torch.load_file(path)
         except Exception as e:  # safetensors raises its own SafetensorError for any malformed file
-            raise CheckpointError(f"{path}: not a readable safetensors file: {_first_line(e)}") from None
+            raise CheckpointError(f"{path}: not a readable safetensors file: {first_line(e)}") from None
     if head.startswith(b"PK"):
         kind = archive_kind(check_archive(path))
         if kind == "torchscript" and not trusted:
@@ -164,7 +164,7 @@ def read(path: Path, *, trusted: bool = False) -> Any:
         culprit = re.search(r"GLOBAL (\S+)", str(e))
         if trusted or not (culprit or re.search(r"Unsupported (global|class)", str(e))):
             detail = re.search(r"WeightsUnpickler error:\s*(.+)", str(e))
-            reason = detail[1] if detail else _first_line(e)
+            reason = detail[1] if detail else first_line(e)
             raise CheckpointError(f"{path}: not a readable torch.save file: {reason}") from None
         what = f" (it refers to {culprit[1]})" if culprit else ""
         raise TrustError(
@@ -174,7 +174,7 @@ def read(path: Path, *, trusted: bool = False) -> Any:
         ) from None
     except (RuntimeError, EOFError, OSError, KeyError, ValueError, AttributeError, ImportError, IndexError,
             TypeError, struct.error, MemoryError, RecursionError, zipfile.BadZipFile) as e:
-        raise CheckpointError(f"{path}: not a readable torch.save file: {_first_line(e)}") from None
+        raise CheckpointError(f"{path}: not a readable torch.save file: {first_line(e)}") from None
 
 
 # ModelProto's fields and their protobuf wire types (0 varint, 2 length-delimited), from onnx.proto
@@ -263,7 +263,7 @@ def _check_sparse_tensor(path: Path, t: torch.Tensor) -> None:
             raise CheckpointError(f"{path}: holds a tensor of layout {layout}, which etappe cannot check; refused")
     except (RuntimeError, ValueError, TypeError, IndexError) as e:
         raise CheckpointError(
-            f"{path}: holds a sparse {layout} tensor whose indices are invalid ({_first_line(e)}); using it would "
+            f"{path}: holds a sparse {layout} tensor whose indices are invalid ({first_line(e)}); using it would "
             "read and write out of bounds, so the file is refused"
         ) from None
 
@@ -315,7 +315,7 @@ def verify(path: Path) -> None:
         with zipfile.ZipFile(path) as z:
             bad = z.testzip()
     except (zipfile.BadZipFile, OSError, EOFError) as e:
-        raise CheckpointError(f"{path}: corrupt torch.save archive: {_first_line(e)}") from None
+        raise CheckpointError(f"{path}: corrupt torch.save archive: {first_line(e)}") from None
     if bad is not None:
         raise CheckpointError(f"{path}: member {bad} fails its CRC-32 check; the file is corrupt")
 
@@ -340,8 +340,3 @@ def _answers_to(key: str) -> str:
             key = key[: -len(suffix)]
             break
     return _ALIASES.get(key, key)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__

@@ -13,6 +13,8 @@ from typing import Iterator
 
 import torch
 
+from etappe.state import derive_seed
+
 
 class ResumableBatches:
     """Index batches for one epoch at a time, resumable at any batch.
@@ -29,24 +31,22 @@ class ResumableBatches:
         *,
         seed: int = 0,
         shuffle: bool = True,
-        drop_last: bool = False,
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
         if batch_size < world_size:
             raise ValueError(f"the batch size ({batch_size}) must be at least the number of ranks ({world_size})")
         self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
-        self.shuffle, self.drop_last, self.rank, self.world_size = shuffle, drop_last, rank, world_size
+        self.shuffle, self.rank, self.world_size = shuffle, rank, world_size
 
     def __len__(self) -> int:
         """Batches in one epoch (per rank; the same on every rank)."""
-        full, rest = divmod(self.num_samples, self.batch_size)
-        return full if self.drop_last or rest == 0 else full + 1
+        return -(-self.num_samples // self.batch_size)  # the last batch may be short
 
     def order(self, epoch: int) -> torch.Tensor:
         if not self.shuffle:
             return torch.arange(self.num_samples)
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        g = torch.Generator().manual_seed(derive_seed(self.seed, epoch))
         return torch.randperm(self.num_samples, generator=g)
 
     def batches(self, epoch: int, start: int = 0) -> Iterator[torch.Tensor]:
