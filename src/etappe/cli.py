@@ -35,6 +35,14 @@ HELP = {
     "step_size": "StepLR: epochs (or steps) between decays",
     "gamma": "StepLR/ExponentialLR decay factor",
     "clip_grad_norm": "clip the gradient norm to this value",
+    "precision": "32, bf16-mixed (bf16 autocast: faster on CPUs with AMX/AVX-512 BF16 and on GPUs) or 16-mixed "
+                 "(fp16 autocast with a gradient scaler; CUDA only)",
+    "accumulate": "micro-batches per optimizer step (gradient accumulation); --batch-size is the micro-batch, so "
+                  "a step sees accumulate x batch-size samples",
+    "compile": "torch.compile the model for training (off by default: slower than eager for small models on CPU)",
+    "ema": "keep an exponential moving average of the weights with this decay (e.g. 0.999), validate with it, and "
+           "save it (eval/export --weights ema)",
+    "warmup_steps": "linear learning-rate warm-up over this many optimizer steps, before any scheduler",
     "seed": "random seed (weights, data order, dropout)",
     "device": "auto (CUDA when present, else CPU), cpu, cuda, cuda:N",
     "deterministic": "use deterministic algorithms (default: on for CPU)",
@@ -67,15 +75,11 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             continue
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not MISSING else None
-        if isinstance(default, bool) or f.name in ("deterministic", "channels_last"):
+        if f.type.startswith("bool"):  # the annotation, a string: "bool", "bool | None"
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                 help=HELP.get(f.name))
         else:
-            kind = {int: int, float: float}.get(type(default), str)
-            if f.name in ("clip_grad_norm", "save_every_seconds"):
-                kind = float
-            elif f.name in ("save_every", "patience"):
-                kind = int
+            kind = float if f.type.startswith("float") else int if f.type.startswith("int") else str
             parser.add_argument(flag, dest=f.name, type=kind, default=argparse.SUPPRESS,
                                 help=f"{HELP.get(f.name, '')} (default: {default})")
 

@@ -24,6 +24,7 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 LOSSES = ("cross-entropy", "mse", "l1", "bce")
 SCHEDULERS = ("none", "step", "cosine", "exponential")
 STRATEGIES = ("ddp", "fsdp")
+PRECISIONS = ("32", "bf16-mixed", "16-mixed")
 # What --monitor may name: the metrics an `etappe train` run records every epoch (val_accuracy for class labels).
 METRICS = ("val_loss", "val_accuracy", "train_loss")
 
@@ -60,6 +61,11 @@ class LoopOptions:
     seed: int = 0
     num_workers: int = 0
     clip_grad_norm: float | None = None
+    precision: str = "32"  # "bf16-mixed": bf16 autocast; "16-mixed": fp16 autocast and a gradient scaler (CUDA)
+    accumulate: int = 1  # micro-batches of batch_size per optimizer step
+    compile: bool = False  # torch.compile the model's forward for training
+    ema: float | None = None  # decay of an exponential moving average of the weights, kept and validated with
+    warmup_steps: int = 0  # optimizer steps of linear learning-rate warm-up, before any scheduler
     scheduler_interval: str = "epoch"  # step the schedulers after every epoch, or after every optimizer step
     device: str = "auto"  # CUDA when present, else CPU
     deterministic: bool | None = None  # None: on for CPU, off for CUDA
@@ -119,6 +125,11 @@ class TrainConfig:
     step_size: int = 1  # StepLR
     gamma: float = 0.9  # StepLR, ExponentialLR
     clip_grad_norm: float | None = LoopOptions.clip_grad_norm
+    precision: str = LoopOptions.precision
+    accumulate: int = LoopOptions.accumulate
+    compile: bool = LoopOptions.compile
+    ema: float | None = LoopOptions.ema
+    warmup_steps: int = LoopOptions.warmup_steps
     seed: int = LoopOptions.seed
     device: str = LoopOptions.device
     deterministic: bool | None = LoopOptions.deterministic
@@ -198,6 +209,11 @@ RUN_DEFINING = (
     "step_size",
     "gamma",
     "clip_grad_norm",
+    "precision",
+    "accumulate",
+    "compile",  # compiled kernels round differently: a run resumed in the other mode is not exact
+    "ema",
+    "warmup_steps",
     "seed",
     "channels_last",  # the memory layout changes float rounding: a run resumed in the other one is not exact
     # what a Trainer made in Python without a config derives from the objects it was given (Trainer.run_config)
@@ -210,7 +226,8 @@ RUN_DEFINING = (
 )
 
 # What a key missing from a config saved by an older etappe meant: runs before channels-last trained in NCHW.
-SAVED_BEFORE = {"channels_last": False}
+SAVED_BEFORE = {"channels_last": False, "precision": "32", "accumulate": 1, "compile": False, "ema": None,
+                "warmup_steps": 0}
 # Saved with every config from version 2 on (``Run.saved_config``). Version 1 (no key) saved weight_decay 0.0 for
 # the default and AdamW then trained with 0.01; from version 2 the config holds the weight decay trained with.
 CONFIG_VERSION = 2
@@ -427,6 +444,16 @@ def _model_kwargs(name: str, value: Any) -> Any:
         ) from None
 
 
+def _fraction(name: str, value: Any) -> Any:
+    """An EMA decay: a number strictly between 0 and 1 (0.999 is typical), or unset."""
+    if value is None:
+        return value
+    number = _number(0, True, "a number between 0 and 1, such as 0.999")(name, value)
+    if number >= 1:
+        raise ConfigValueError(name, value, "a number between 0 and 1, such as 0.999")
+    return number
+
+
 _POSITIVE = "a positive integer"
 _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "data": _text(),
@@ -444,6 +471,11 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "step_size": _integer(1, _POSITIVE),
     "gamma": _number(0, True, "a positive number"),
     "clip_grad_norm": _number(0, True, "a positive number", optional=True),
+    "precision": _choice(PRECISIONS),
+    "accumulate": _integer(1, _POSITIVE),
+    "compile": _flag(),
+    "ema": _fraction,
+    "warmup_steps": _integer(0, "an integer, 0 or more"),
     "seed": _integer(0, "an integer from 0 to 2**32 - 1", high=2**32 - 1),  # numpy's range; the loop derives more
     "device": _text(),
     "deterministic": _flag(optional=True),

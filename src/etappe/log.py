@@ -26,10 +26,13 @@ def warn(message: str) -> None:
 def epoch_line(row: dict, epochs: int) -> str:
     """``Epoch 3/10 | train loss 0.2103 | val loss 0.1932 | val acc 94.1% | 2.1 s``"""
     parts = [f"Epoch {row['epoch']}/{epochs}", f"train loss {row['train_loss']:.4f}"]
+    ema = " (EMA weights)" if row.get("val_weights") == "ema" else ""
     if "val_loss" in row:
-        parts.append(f"val loss {row['val_loss']:.4f}")
+        parts.append(f"val loss {row['val_loss']:.4f}{ema}")
     if "val_accuracy" in row:
         parts.append(f"val acc {100 * row['val_accuracy']:.1f}%")
+    if row.get("skipped_steps"):
+        parts.append(f"{row['skipped_steps']} steps skipped (non-finite fp16 gradients)")
     parts.append(f"{row['seconds']:.1f} s")
     return " | ".join(parts)
 

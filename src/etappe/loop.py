@@ -21,7 +21,7 @@ import signal
 import sys
 import time
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
@@ -34,7 +34,7 @@ from etappe.config import OPTION_CLASSES, LoopOptions, SaveOptions, ShowOptions,
 from etappe.data.sampler import EpochBatchSampler, ResumableBatches
 from etappe.data.sets import TensorData
 from etappe.errors import EtappeError, TrainingError, UsageError, first_line
-from etappe.state import History, PerRank, Progress, derive_seed, eval_mode, seed_everything, unwrap
+from etappe.state import EMA, History, PerRank, Progress, derive_seed, eval_mode, seed_everything, unwrap
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: the run stopped cleanly and can be resumed
 
@@ -188,27 +188,68 @@ def _in_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
+class MicroBatches(list):
+    """The micro-batches of one optimizer step, when gradients are accumulated (``accumulate`` > 1)."""
+
+
 class SupervisedStep:
     """The seeds' training step, and the Trainer's ``step_fn`` unless it is given another: forward, loss,
     zero_grad, backward, clip, optimizer.step(). Returns the loss as a float; a non-finite loss steps nothing (the
-    loop stops on it). ``model`` is the module that computes (under DDP its wrapper, which averages the gradients)."""
+    loop stops on it). ``model`` is the module that computes (under DDP its wrapper, which averages the gradients;
+    compiled, the compiled one).
+
+    Given ``MicroBatches`` it accumulates: each micro-batch's loss, weighted by its share of the samples (1/N for
+    N equal ones), is backpropagated in turn (under DDP without the all-reduce but for the last), then one step.
+    ``precision`` "bf16-mixed" or "16-mixed" runs the forward and loss under autocast; with fp16 a ``scaler``
+    (torch.amp.GradScaler) scales the loss, unscales before clipping, and skips a step whose gradients are not
+    finite (``skipped`` says so; the loop counts it)."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Callable,
-                 clip_grad_norm: float | None = None) -> None:
+                 clip_grad_norm: float | None = None, precision: str = "32", scaler: Any = None) -> None:
         self.model, self.optimizer, self.loss_fn, self.clip_grad_norm = model, optimizer, loss_fn, clip_grad_norm
+        self.precision, self.scaler, self.skipped = precision, scaler, False
 
     def __call__(self, batch: Any) -> dict[str, float]:
-        x, y = batch
-        loss = self.loss_fn(self.model(x), y)
-        value = loss.item()
-        if not math.isfinite(value):
-            return {"loss": value}
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        parts = batch if isinstance(batch, MicroBatches) else [batch]
+        sizes = [_batch_len(part) for part in parts]
+        total, loss_sum = sum(sizes), 0.0
+        for i, ((x, y), n) in enumerate(zip(parts, sizes)):
+            last = i == len(parts) - 1
+            with self._no_sync(last), autocast(x.device, self.precision):
+                loss = self.loss_fn(self.model(x), y)
+            value = loss.item()
+            if not math.isfinite(value):
+                return {"loss": value}
+            if i == 0:
+                self.optimizer.zero_grad(set_to_none=True)
+            if len(parts) > 1:
+                loss, loss_sum = loss * (n / total), loss_sum + value * n
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
         if self.clip_grad_norm is not None:
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad_norm)
-        self.optimizer.step()
-        return {"loss": value}
+        if self.scaler is not None:
+            scale = self.scaler.get_scale()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.skipped = self.scaler.get_scale() < scale  # the scale drops exactly when the step was skipped
+        else:
+            self.optimizer.step()
+        return {"loss": value if len(parts) == 1 else loss_sum / total}
+
+    def _no_sync(self, last: bool) -> Any:
+        """Under DDP, no gradient all-reduce for a micro-batch but the last of a step."""
+        if not last and isinstance(self.model, nn.parallel.DistributedDataParallel):
+            return self.model.no_sync()
+        return nullcontext()
+
+
+def autocast(device: torch.device, precision: str) -> Any:
+    """The autocast context of a precision: none for "32", bf16 or fp16 on ``device``'s type otherwise."""
+    if precision == "32":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16-mixed" else torch.float16)
 
 
 class Trainer:
@@ -262,6 +303,13 @@ class Trainer:
         self.sharded = any(sharded.is_sharded_module(m) for m in self.models.values())
         if self.sharded and (step_fn is not None or len(self.models) != 1 or len(self.optimizers) > 1):
             raise UsageError("a sharded (FSDP) model trains here as one model with one optimizer and no step_fn")
+        if step_fn is not None and (self.loop.accumulate > 1 or self.loop.precision != "32" or self.loop.compile):
+            raise UsageError("accumulate, precision and compile apply to the built-in step; a step_fn does its own "
+                             "(torch.autocast, several backward calls before its optimizer step, torch.compile)")
+        if self.sharded and self.loop.ema is not None:
+            raise UsageError("ema does not apply to a sharded (FSDP) model: each rank holds only its shards")
+        if "warmup" in self.schedulers and self.loop.warmup_steps:
+            raise UsageError("a scheduler named 'warmup' is etappe's with warmup_steps; give yours another name")
         if self.sharded and self.saving.async_save:
             raise UsageError("async_save does not apply to a sharded (FSDP) model; every rank saves its shards together")
         self.train_data, self._collate = self._dataset_of(train_data)
@@ -315,12 +363,24 @@ class Trainer:
         self.batches = ResumableBatches(len(self.train_data), loop.batch_size, seed=loop.seed, shuffle=loop.shuffle,
                                         rank=self.rank, world_size=self.world_size)
         self.per_rank = PerRank(self.progress, self.rank, self.world_size)
+        if loop.precision == "16-mixed" and self.device.type != "cuda":
+            raise UsageError(f"precision 16-mixed (fp16 with a gradient scaler) needs CUDA; this run is on "
+                             f"{self.device.type}: use bf16-mixed there (--precision bf16-mixed)")
+        self.scaler = torch.amp.GradScaler("cuda") if loop.precision == "16-mixed" else None
+        self.ema = EMA(unwrap(next(iter(self.models.values()))), loop.ema) if loop.ema is not None else None
+        if loop.warmup_steps:  # per optimizer step, before (and chained with) any scheduler of the run
+            self.schedulers["warmup"] = torch.optim.lr_scheduler.LinearLR(
+                next(iter(self.optimizers.values())), start_factor=1 / (loop.warmup_steps + 1),
+                total_iters=loop.warmup_steps)
         if self.step_fn is None:
             (model,), (optimizer,) = self.models.values(), self.optimizers.values()
             if self.world_size > 1 and not self.sharded:
                 model = nn.parallel.DistributedDataParallel(
                     model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-            self.step_fn = SupervisedStep(model, optimizer, self.loss_fn, loop.clip_grad_norm)
+            if loop.compile:
+                model = torch.compile(model)
+            self.step_fn = SupervisedStep(model, optimizer, self.loss_fn, loop.clip_grad_norm, loop.precision,
+                                          self.scaler)
         if self.run_dir is not None:
             log.ensure_writable(self.run_dir)
             from etappe.checkpoint import CheckpointStore
@@ -333,6 +393,22 @@ class Trainer:
             log.warn("deterministic algorithms are off (the default on CUDA): a resumed run will be close to, not "
                      "bit-identical with, an uninterrupted one; pass --deterministic for exactness")
         self._started = True
+
+    def _step_batches(self, epoch: int, start: int) -> Iterator[Any]:
+        """The batches of ``epoch`` from batch ``start``, one per optimizer step: with ``accumulate`` N, N micro-
+        batches at a time (fewer at the end of the epoch). Checkpoints fall between steps, so never inside a
+        window: a signal waits for the window's step, and a resumed run starts at a window's first batch."""
+        if self.loop.accumulate == 1:
+            yield from self._epoch_batches(epoch, start)
+            return
+        window = MicroBatches()
+        for batch in self._epoch_batches(epoch, start):
+            window.append(batch)
+            if len(window) == self.loop.accumulate:
+                yield window
+                window = MicroBatches()
+        if window:
+            yield window
 
     def _epoch_batches(self, epoch: int, start: int) -> Iterator[Any]:
         if isinstance(self.train_data, TensorData) and self.loop.num_workers == 0:
@@ -374,14 +450,18 @@ class Trainer:
                     m.train()
                 bar = log.progress_bar(len(self.batches), p.batches_done_in_epoch, p.epoch, epochs, self.show_progress)
                 epoch_start = time.perf_counter() - p.seconds_in_epoch
-                for batch in self._epoch_batches(p.epoch, p.batches_done_in_epoch):
+                for batch in self._step_batches(p.epoch, p.batches_done_in_epoch):
                     losses = _as_floats(self.step_fn(batch))
                     if not all(math.isfinite(v) for v in losses.values()):
                         raise self._non_finite(losses["loss"])
-                    if self.loop.scheduler_interval == "step":
-                        for s in self.schedulers.values():
+                    p.skipped_steps += bool(getattr(self.step_fn, "skipped", False))
+                    if self.ema is not None:
+                        self.ema.update(unwrap(next(iter(self.models.values()))))
+                    for name, s in self.schedulers.items():
+                        if name == "warmup" or self.loop.scheduler_interval == "step":
                             s.step()
-                    p.add_batch(_batch_len(batch), losses)
+                    parts = batch if isinstance(batch, MicroBatches) else [batch]
+                    p.add_batch(sum(_batch_len(part) for part in parts), losses, len(parts))
                     p.seconds_in_epoch = time.perf_counter() - epoch_start
                     bar.update(p, self.world_size)
                     stop, due = self._stop_or_save_due(preempt["signal"] is not None, last_save)
@@ -462,17 +542,23 @@ class Trainer:
         for k, v in sorted(p.extra_sums_in_epoch.items()):
             row[f"train_{k}"] = v / max(p.samples_in_epoch, 1)
         if self.val_data is not None and self.loss_fn is not None:
-            result = evaluate(unwrap(next(iter(self.models.values()))), self.val_data, self.loss_fn)
+            model = self.ema.module if self.ema is not None else unwrap(next(iter(self.models.values())))
+            result = evaluate(model, self.val_data, self.loss_fn)
             row["val_loss"] = result["loss"]
             if "accuracy" in result:
                 row["val_accuracy"] = result["accuracy"]
+            if self.ema is not None:
+                row["val_weights"] = "ema"
+        if self.scaler is not None:
+            row["skipped_steps"] = p.skipped_steps
         if self.metrics_fn is not None:
             row.update(self.metrics_fn(self))
         if self.optimizers:
             row["lr"] = next(iter(self.optimizers.values())).param_groups[0]["lr"]
         if self.loop.scheduler_interval == "epoch":
-            for s in self.schedulers.values():
-                s.step()
+            for name, s in self.schedulers.items():
+                if name != "warmup":
+                    s.step()
         row["seconds"] = p.seconds_in_epoch
         row["samples_per_s"] = samples / p.seconds_in_epoch if p.seconds_in_epoch > 0 else 0.0
         self.history.append(row)
@@ -524,8 +610,12 @@ class Trainer:
     def state_objects(self) -> dict[str, Any]:
         """Everything a checkpoint holds, by name. The per-rank part (random state) last: restored last."""
         objects: dict[str, Any] = {name: unwrap(m) for name, m in self.models.items()}
+        if self.ema is not None:
+            objects["ema"] = self.ema.module  # the averaged weights, saved as a model
         objects.update(self.optimizers)
         objects.update(self.schedulers)
+        if self.scaler is not None:
+            objects["scaler"] = self.scaler
         objects["progress"] = self.progress
         objects["history"] = self.history
         objects["per_rank"] = self.per_rank
@@ -660,6 +750,11 @@ class Trainer:
             "seed": loop.seed,
             "shuffle": loop.shuffle,
             "clip_grad_norm": loop.clip_grad_norm,
+            "precision": loop.precision,
+            "accumulate": loop.accumulate,
+            "compile": loop.compile,
+            "ema": loop.ema,
+            "warmup_steps": loop.warmup_steps,
             "scheduler_interval": loop.scheduler_interval,
             "models": {k: type(unwrap(m)).__qualname__ for k, m in self.models.items()},
             "optimizers": {k: optimizer(o) for k, o in self.optimizers.items()},

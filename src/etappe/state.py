@@ -31,11 +31,13 @@ class Progress:
     best_metric: float | None = None
     epochs_without_improvement: int = 0
     stopped_early: bool = False  # the monitored metric stopped improving: patience ended the run
+    skipped_steps: int = 0  # optimizer steps the fp16 gradient scaler skipped (non-finite gradients), in all
 
-    def add_batch(self, samples: int, losses: dict[str, float]) -> None:
-        """Count one optimizer step of ``samples`` samples and add its losses to the epoch's sums."""
+    def add_batch(self, samples: int, losses: dict[str, float], batches: int = 1) -> None:
+        """Count one optimizer step over ``batches`` (micro-)batches of ``samples`` samples in all, and add its
+        losses to the epoch's sums."""
         self.step += 1
-        self.batches_done_in_epoch += 1
+        self.batches_done_in_epoch += batches
         self.samples_in_epoch += samples
         for k, v in losses.items():
             if k == "loss":
@@ -163,6 +165,25 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed % 2**64)  # torch takes 64 bits (a negative seed means this too); a derived seed may be more
+
+
+class EMA:
+    """An exponential moving average of a model's weights: after every optimizer step each averaged parameter moves
+    ``1 - decay`` of the way to the model's (``ema = decay * ema + (1 - decay) * w``) and the buffers are copied.
+    ``module`` is the averaged model, a copy of the model kept in eval mode: saved, validated and exported as one."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        import copy
+
+        self.decay = decay
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for averaged, current in zip(self.module.parameters(), model.parameters()):
+            averaged.lerp_(current.detach(), 1 - self.decay)
+        for averaged, current in zip(self.module.buffers(), model.buffers()):
+            averaged.copy_(current)
 
 
 def derive_seed(seed: int, *parts: int) -> int:
