@@ -17,6 +17,7 @@ import common
 SCRIPTS = {
     "train": "bench_train.py",              # targets 1, 2
     "train_options": "bench_train_options.py",  # target 1, optional: fused, foreach, compile
+    "precision": "bench_precision.py",      # issue 13: bf16-mixed, compile, accumulation
     "profile": "profile_step.py",           # where a step's time goes
     "save": "bench_save.py",                # target 3
     "checksum": "bench_checksum.py",        # target 4

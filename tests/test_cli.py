@@ -169,8 +169,8 @@ def test_channels_last_is_on_for_etappes_cnn_and_off_for_a_users_model_unless_as
 
 def test_unwritable_run_folder_fails_before_training(tmp_path):
     (tmp_path / "file").write_text("")
-    line = one_line_error(run_cli("--run-dir", str(tmp_path / "file" / "run"), cwd=tmp_path), 1)
-    assert "cannot write to the run folder" in line
+    line = one_line_error(run_cli("--run-dir", str(tmp_path / "file" / "run"), cwd=tmp_path), 2)  # bad input
+    assert "cannot write to the run folder" in line and "is a file" in line
 
 
 def test_non_finite_loss_stops_and_keeps_the_saved_checkpoint(tmp_path):

@@ -184,6 +184,8 @@ from etappe.loop import SupervisedStep  # noqa: E402
 OPTION_VALUES = {
     "batch_size": st.integers(1, 64), "shuffle": st.booleans(), "seed": st.integers(0, 2**32 - 1),
     "num_workers": st.integers(0, 4), "clip_grad_norm": st.none() | st.floats(0.01, 10),
+    "precision": st.sampled_from(["32", "bf16-mixed", "16-mixed"]), "accumulate": st.integers(1, 8),
+    "compile": st.booleans(), "ema": st.none() | st.floats(0.01, 0.9999), "warmup_steps": st.integers(0, 50),
     "scheduler_interval": st.sampled_from(["epoch", "step"]), "device": st.sampled_from(["auto", "cpu"]),
     "deterministic": st.none() | st.booleans(), "monitor": st.sampled_from(["val_loss", "train_loss"]),
     "patience": st.none() | st.integers(1, 9), "run_dir": st.none() | st.sampled_from(["runs/a", "b"]),
@@ -274,3 +276,42 @@ def test_the_readme_trainer_example_runs(tmp_path, monkeypatch):
         exec(compile(block.replace("epochs=10", "epochs=1").replace("fit(10)", "fit(2)"), "README.md", "exec"),
              namespace)
     assert len(namespace["history"]) == 2 and (tmp_path / "runs" / "options" / "checkpoints").is_dir()
+
+
+def test_arguments_of_the_wrong_kind_are_one_line_usage_errors():
+    data = small_classification()
+    model = nn.Linear(4, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss = nn.CrossEntropyLoss()
+    cases = [
+        (dict(model="cnn", optimizer=opt, loss_fn=loss, train_data=data), r"model 'model' is a str"),
+        (dict(model=model, optimizer="adam", loss_fn=loss, train_data=data), r"optimizer 'optimizer' is a str"),
+        (dict(model=model, optimizer=opt, loss_fn=loss, train_data=data, scheduler={"s": "x"}), r"scheduler 's'"),
+        (dict(model=model, optimizer=opt, loss_fn=loss, train_data=None), r"train_data is a NoneType"),
+        (dict(model=model, optimizer=opt, loss_fn=loss, train_data=data, loop={"batch_size": 3}),
+         r"LoopOptions argument is a dict"),
+        (dict(model=model, optimizer=opt, loss_fn=loss, train_data=data, loop=SaveOptions()),
+         r"LoopOptions argument is a SaveOptions"),
+        (dict(model=model, optimizer=torch.optim.SGD(nn.Linear(1, 1).parameters(), lr=0.1), loss_fn=loss,
+              train_data=data), r"holds none of the model's parameters"),
+        (dict(model=model, optimizer=opt, loss_fn=loss, train_data=torch.utils.data.Subset(data, [])), r"is empty"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(UsageError, match=message):
+            Trainer(**kwargs, progress=False, quiet=True)
+    with pytest.raises(UsageError, match=r"takes \(input, target\) batches"):
+        Trainer(model, opt, loss, train_data=[torch.zeros(4)] * 8, batch_size=4, progress=False, quiet=True).fit(1)
+
+
+@pytest.mark.parametrize("returned, message", [
+    (None, r"step_fn returned NoneType None as 'loss'"),
+    ("x", r"step_fn returned str 'x'"),
+    (torch.ones(3), r"a tensor of shape \(3,\)"),
+    ({"loss": 1.0, "d": float("inf")}, r"the step's 'd' became inf at epoch 1, step 1"),
+])
+def test_what_a_step_fn_returns_is_checked(returned, message):
+    model = nn.Linear(4, 3)
+    error = UsageError if "returned" in message or "shape" in message else TrainingError
+    with pytest.raises(error, match=message):
+        Trainer({"m": model}, {"o": torch.optim.SGD(model.parameters(), lr=0.1)}, train_data=small_classification(),
+                step_fn=lambda batch: returned, progress=False, quiet=True).fit(1)

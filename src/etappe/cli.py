@@ -233,7 +233,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from etappe.export import load_model
     from etappe.loop import evaluate
 
-    model, config = load_model(args.path, which=args.checkpoint, model=args.model, trusted=args.trust)
+    model, config = load_model(args.path, which=args.checkpoint, model=args.model, trusted=args.trust,
+                               weights=args.weights)
     data_name = args.data or config.get("data")
     if not data_name:
         raise UsageError(f"{args.path} does not record its data set; pass --data NAME")
@@ -241,13 +242,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     _check_input_shape(args.path, config, data_name, tuple(data.spec.input_shape))
     loss_fn = make_loss(config.get("loss", "auto"), data)
     result = evaluate(model, data.test, loss_fn, device=args.device)
+    if config.get("weights") in ("raw", "ema"):  # which weights of a run were evaluated
+        result["weights"] = config["weights"]
     if args.json:
         import json
 
         print(json.dumps(result))
     else:
         acc = f" | accuracy {100 * result['accuracy']:.2f}%" if "accuracy" in result else ""
-        print(f"{data_name} test: loss {result['loss']:.4f}{acc} ({result['samples']} samples)")
+        which = " (ema weights)" if result.get("weights") == "ema" else ""
+        print(f"{data_name} test{which}: loss {result['loss']:.4f}{acc} ({result['samples']} samples)")
     return 0
 
 
@@ -346,7 +350,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         with _writing(Path(args.out) if args.out else Path(args.path), "--out"):
             exported = export_path(args.path, formats, out=args.out, atol=args.atol, input_shape=args.input_shape,
                                    which=args.checkpoint, model=args.model, data_dir=args.data_dir,
-                                   trusted=args.trust)
+                                   trusted=args.trust, weights=args.weights)
     except ExportError as exc:
         for e in exc.exported:
             print(e.summary())
@@ -360,7 +364,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from etappe.predict import format_results, predict
 
     results = predict(args.model, args.inputs, top=args.top, resize=args.resize, which=args.checkpoint,
-                      input_shape=args.input_shape, model_name=args.model_name, trusted=args.trust)
+                      input_shape=args.input_shape, model_name=args.model_name, trusted=args.trust,
+                      weights=args.weights)
     if args.json:
         import json
 
@@ -368,6 +373,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
     else:
         print(format_results(results))
     return 0
+
+
+def _add_weights_flag(parser: argparse.ArgumentParser) -> None:
+    """--weights, for the commands that load a run's model: eval, export, predict."""
+    parser.add_argument("--weights", choices=("raw", "ema"), default="raw",
+                        help="of a run or checkpoint: raw (default), the model's own weights, or ema, the averaged "
+                             "weights a run trained with --ema saves")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -417,6 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true", help="print JSON")
     ev.add_argument("--model", help="registry name (or module:factory) to rebuild the weights into")
     ev.add_argument("--trust", action="store_true", help=TRUST_HELP)
+    _add_weights_flag(ev)
     ev.set_defaults(handler=cmd_eval)
 
     plot = sub.add_parser("plot", help="redraw a run's loss and accuracy curves")
@@ -446,6 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--checkpoint", choices=("best", "latest"), default="best", help="which checkpoint of a run")
     exp.add_argument("--data-dir", help="folder holding the data set (parity runs on its test inputs)")
     exp.add_argument("--trust", action="store_true", help=TRUST_HELP)
+    _add_weights_flag(exp)
     exp.set_defaults(handler=cmd_export)
 
     pre = sub.add_parser("predict", help="run a checkpoint or exported model on images, IDX, .npy or CSV files")
@@ -458,6 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--checkpoint", choices=("best", "latest"), default="best", help="which checkpoint of a run")
     pre.add_argument("--model", dest="model_name", help="registry name (or module:factory) to rebuild weights into")
     pre.add_argument("--trust", action="store_true", help=TRUST_HELP)
+    _add_weights_flag(pre)
     pre.set_defaults(handler=cmd_predict)
     return parser
 

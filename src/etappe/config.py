@@ -150,6 +150,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _validated(self, _CHECKS)
+        if self.momentum and self.optimizer != "sgd":
+            raise UsageError(f"--momentum applies to --optimizer sgd; {self.optimizer} keeps its own moving averages "
+                             "(betas): drop --momentum, or use --optimizer sgd")
         if self.strategy == "fsdp" and self.async_save:
             raise UsageError("--async-save does not apply to --strategy fsdp (sharded state is saved by every rank "
                              "together); drop one of them")

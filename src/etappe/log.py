@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from etappe.errors import EtappeError
+from etappe.errors import EtappeError, UsageError
 
 
 def info(message: str) -> None:
@@ -77,6 +77,9 @@ def ensure_writable(run_dir: Path) -> None:
         probe = run_dir / f".write-test-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
+    except (FileExistsError, NotADirectoryError):  # bad input: a file where the folder should be
+        raise UsageError(f"cannot write to the run folder {run_dir}: it is a file, or inside one; choose another "
+                         "with --run-dir") from None
     except OSError as exc:
         raise EtappeError(
             f"cannot write to the run folder {run_dir}: {exc.strerror or exc}; choose another with --run-dir"

@@ -213,7 +213,8 @@ class SupervisedStep:
         parts = batch if isinstance(batch, MicroBatches) else [batch]
         sizes = [_batch_len(part) for part in parts]
         total, loss_sum = sum(sizes), 0.0
-        for i, ((x, y), n) in enumerate(zip(parts, sizes)):
+        for i, (part, n) in enumerate(zip(parts, sizes)):
+            x, y = _pair(part)
             last = i == len(parts) - 1
             with self._no_sync(last), autocast(x.device, self.precision):
                 loss = self.loss_fn(self.model(x), y)
@@ -243,6 +244,14 @@ class SupervisedStep:
         if not last and isinstance(self.model, nn.parallel.DistributedDataParallel):
             return self.model.no_sync()
         return nullcontext()
+
+
+def _pair(batch: Any) -> tuple[Any, Any]:
+    if isinstance(batch, (list, tuple)) and len(batch) == 2:
+        return batch[0], batch[1]
+    shown = f"a {type(batch).__name__} of {len(batch)}" if isinstance(batch, (list, tuple)) else f"a {type(batch).__name__}"
+    raise UsageError(f"the built-in step takes (input, target) batches; a batch of this data is {shown}: give a data "
+                     "set of (input, target) pairs, or a step_fn that takes these batches")
 
 
 def autocast(device: torch.device, precision: str) -> Any:
@@ -295,6 +304,7 @@ class Trainer:
         self.loss_fn, self.step_fn, self.metrics_fn = loss_fn, step_fn, metrics_fn
         self.val_data, self.allow_config_change, self.num_outputs = val_data, allow_config_change, num_outputs
         self._given_config = dict(config) if config else None
+        _check_types(self.models, self.optimizers, self.schedulers, train_data, (loop, saving, show))
         if not self.models:
             raise UsageError("Trainer needs a model (or {name: module, ...} with a step_fn)")
         if step_fn is None and (len(self.models) != 1 or len(self.optimizers) != 1 or loss_fn is None):
@@ -313,8 +323,12 @@ class Trainer:
         if self.sharded and self.saving.async_save:
             raise UsageError("async_save does not apply to a sharded (FSDP) model; every rank saves its shards together")
         self.train_data, self._collate = self._dataset_of(train_data)
+        if len(self.train_data) == 0:
+            raise UsageError("train_data is empty: there is nothing to train on")
         if isinstance(self.train_data, TensorData) and step_fn is None:
             check_shapes(unwrap(next(iter(self.models.values()))), self.train_data, num_outputs)
+        if step_fn is None:
+            _check_optimizer_fits(next(iter(self.models.values())), next(iter(self.optimizers.values())))
         self._check_monitor()
         self.progress, self.history = Progress(), History()
         self.run_dir = Path(self.saving.run_dir) if self.saving.run_dir is not None else None
@@ -452,8 +466,9 @@ class Trainer:
                 epoch_start = time.perf_counter() - p.seconds_in_epoch
                 for batch in self._step_batches(p.epoch, p.batches_done_in_epoch):
                     losses = _as_floats(self.step_fn(batch))
-                    if not all(math.isfinite(v) for v in losses.values()):
-                        raise self._non_finite(losses["loss"])
+                    bad = next((k for k, v in losses.items() if not math.isfinite(v)), None)
+                    if bad is not None:
+                        raise self._non_finite(bad, losses[bad])
                     p.skipped_steps += bool(getattr(self.step_fn, "skipped", False))
                     if self.ema is not None:
                         self.ema.update(unwrap(next(iter(self.models.values()))))
@@ -527,10 +542,11 @@ class Trainer:
             signalled, due = distributed.any_rank(signalled, due)
         return signalled, due
 
-    def _non_finite(self, value: float) -> TrainingError:
+    def _non_finite(self, name: str, value: float) -> TrainingError:
         p = self.progress
+        what = "the loss" if name == "loss" else f"the step's {name!r}"
         return TrainingError(
-            f"the loss became {value} at epoch {p.epoch + 1}, step {p.step + 1}; training stopped and nothing "
+            f"{what} became {value} at epoch {p.epoch + 1}, step {p.step + 1}; training stopped and nothing "
             "from this step on was saved (try a lower --lr or --clip-grad-norm)"
         )
 
@@ -817,11 +833,51 @@ def _hyperparameters(config: Mapping[str, Any], name: str, groups: int) -> list[
 
 
 def _as_floats(result: Any) -> dict[str, float]:
-    """A step's result (a loss tensor, or a dict of named losses and numbers) as floats, ``loss`` first named."""
+    """A step's result (a loss, or a dict of named losses and numbers: one-element tensors or numbers) as floats.
+    A dict without ``loss`` has its first value reported as the loss too."""
     losses = {"loss": result} if not isinstance(result, Mapping) else dict(result)
-    values = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in losses.items()}
+    values = {}
+    for k, v in losses.items():
+        if (torch.is_tensor(v) and v.numel() == 1) or (isinstance(v, (int, float)) and not isinstance(v, bool)):
+            values[str(k)] = float(v.detach()) if torch.is_tensor(v) else float(v)
+        else:
+            shown = f"a tensor of shape {tuple(v.shape)}" if torch.is_tensor(v) else f"{type(v).__name__} {v!r:.40}"
+            raise UsageError(f"step_fn returned {shown} as {k!r}; it should return the loss (a one-element tensor "
+                             "or a number) or a dict of them, e.g. {'loss': loss, 'loss_d': loss_d}")
     values.setdefault("loss", next(iter(values.values()), 0.0))
     return values
+
+
+def _check_types(models: Mapping[str, Any], optimizers: Mapping[str, Any], schedulers: Mapping[str, Any],
+                 train_data: Any, options: tuple) -> None:
+    """Arguments of the wrong kind are refused when the Trainer is made, in one line, not found out in fit."""
+    def refuse(what: str, value: Any, expected: str) -> None:
+        raise UsageError(f"Trainer's {what} is a {type(value).__name__} ({value!r:.40}); expected {expected}")
+
+    for name, m in models.items():
+        if not isinstance(m, nn.Module):
+            refuse(f"model {name!r}", m, "a torch.nn.Module (or a dict of them)")
+    for name, o in optimizers.items():
+        if not isinstance(o, torch.optim.Optimizer):
+            refuse(f"optimizer {name!r}", o, "a torch.optim.Optimizer (or a dict of them)")
+    for name, sch in schedulers.items():
+        if not (callable(getattr(sch, "step", None)) and callable(getattr(sch, "state_dict", None))):
+            refuse(f"scheduler {name!r}", sch, "a torch.optim.lr_scheduler scheduler (or a dict of them)")
+    for given, cls in zip(options, OPTION_CLASSES):
+        if given is not None and not isinstance(given, cls):
+            refuse(f"{cls.__name__} argument", given, f"etappe.{cls.__name__}(...), or its fields as keywords")
+    if not isinstance(train_data, torch.utils.data.DataLoader) and not (
+            hasattr(train_data, "__len__") and hasattr(train_data, "__getitem__") and not isinstance(train_data, (str, bytes))):
+        refuse("train_data", train_data, "a TensorData, a map-style Dataset of (input, target) pairs or a DataLoader")
+
+
+def _check_optimizer_fits(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """The built-in step's optimizer must step this model's parameters: another model's trains nothing here."""
+    own = {id(p) for p in model.parameters()}
+    stepped = [p for group in optimizer.param_groups for p in group["params"]]
+    if stepped and not any(id(p) in own for p in stepped):
+        raise UsageError("the optimizer holds none of the model's parameters (was it made for another model?); "
+                         "make it from this model: torch.optim.SGD(model.parameters(), ...)")
 
 
 # Param-group keys that are not hyperparameters: how the step is computed, not what it computes.

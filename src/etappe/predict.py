@@ -45,6 +45,7 @@ def predict(
     input_shape: Sequence[int] | None = None,
     model_name: str | None = None,
     trusted: bool = False,
+    weights: str = "raw",
 ) -> list[dict]:
     """Predict for every sample in ``inputs`` (paths, or one array). ``model`` is a path ``load_model`` reads.
 
@@ -52,7 +53,8 @@ def predict(
     ``top`` most probable classes (softmax of the outputs). Regression: ``{"input", "value"}`` (a list when the
     model has several outputs). ``input_shape`` overrides what the model's files record; ``model_name`` (a
     registry name or module:factory) names the model to rebuild weights into, and ``trusted`` allows files that
-    run code when loaded (TorchScript, .pt2) and a module:factory named in the model's files, as for ``load_model``.
+    run code when loaded (TorchScript, .pt2) and a module:factory named in the model's files, as for ``load_model``;
+    ``weights`` "ema" runs a run's averaged weights (trained with ``ema``), "raw" its own.
     """
     if top < 1:
         raise UsageError(f"--top must be at least 1, got {top}")
@@ -60,7 +62,7 @@ def predict(
 
     from etappe.export import load_model
 
-    module, config = load_model(model, which=which, model=model_name, trusted=trusted)
+    module, config = load_model(model, which=which, model=model_name, trusted=trusted, weights=weights)
     spec = dict(config.get("data_spec") or {})
     shape = tuple(input_shape or spec.get("input_shape") or config.get("input_shape") or ())
     if not shape:

@@ -1,5 +1,6 @@
 """What a checkpoint holds, as the seeds print it by hand: every tensor's name, shape, dtype and size, each
-model's parameter count, each optimizer's type, hyperparameters and state size, schedulers, counters, metrics.
+model's parameter count, each optimizer's type, hyperparameters and state size, schedulers, counters, metrics;
+and how it was trained (precision, accumulation, compile, EMA, the gradient scaler's state) where it says.
 
 Works from headers and JSON alone for etappe checkpoints (no tensor data is read), and on plain torch.save
 and .safetensors files, read as ``torchsave.read`` reads them: nothing in the file runs, and nothing in it is
@@ -51,6 +52,7 @@ def inspect(path: str | os.PathLike, *, trusted: bool = False) -> dict[str, Any]
         "files": [{"name": n, "bytes": f["size"]} for n, f in body["files"].items()],
         "entries": [],
     }
+    values = {}
     for name, e in entries.items():
         tensors = {}
         if "tensors" in e:
@@ -66,7 +68,8 @@ def inspect(path: str | os.PathLike, *, trusted: bool = False) -> dict[str, Any]
             info["entries"].append(_describe(name, e["kind"], e.get("type"), value, e.get("parameters")))
         except CheckpointError as err:
             raise CheckpointError(f"{state_file}: entry {name[:80]!r}: {err}") from None
-    return info
+        values[name] = (e["kind"], value)
+    return _with_training(info, values)
 
 
 def _sharded_value(path: Path, record: Mapping[str, Any], files: Mapping[str, Any]) -> Any:
@@ -88,6 +91,8 @@ def format_inspection(info: Mapping[str, Any]) -> str:
     lines = [head + (f" ({', '.join(facts)})" if facts else "")]
     if info.get("metrics"):
         lines.append("metrics: " + ", ".join(f"{k}={v}" for k, v in info["metrics"].items()))
+    if info.get("training"):
+        lines.append("training: " + _format_training(info["training"]))
     if info.get("files"):
         lines.append("files: " + ", ".join(f"{f['name']} {_size(f['bytes'])}" for f in info["files"]))
     for e in info["entries"]:
@@ -104,15 +109,65 @@ def _inspect_file(path: Path, trusted: bool) -> dict[str, Any]:
         head = f.read(9)
     fmt = "safetensors" if torchsave.is_safetensors(head, path.stat().st_size) else "torch.save"
     info: dict[str, Any] = {"path": str(path), "format": fmt, "bytes": path.stat().st_size, "entries": []}
+    values = {}
     for name, value in torchsave.entries(content).items():
         typ = None
         if kinds.is_stateful(value):  # a whole pickled object, from a trusted file
             typ, value = kinds.type_name(value), value.state_dict()
+        kind = kinds.of_state(value)
         try:
-            info["entries"].append(_describe(name, kinds.of_state(value), typ, value, None))
+            info["entries"].append(_describe(name, kind, typ, value, None))
         except CheckpointError as err:
             raise CheckpointError(f"{path}: entry {str(name)[:80]!r}: {err}") from None
+        values[name] = (kind, value)
+    return _with_training(info, values)
+
+
+_TRAINING = ("precision", "accumulate", "compile", "warmup_steps")  # config keys, under the same names
+
+
+def _with_training(info: dict[str, Any], values: Mapping[str, tuple[str, Any]]) -> dict[str, Any]:
+    """``info`` with ``training``: how the checkpoint's run trained, from its ``config`` entry (precision,
+    accumulate, compile, warmup_steps, ema: the decay) and its entries (``ema``, the averaged model; a gradient
+    scaler's scale and growth tracker). Only what the checkpoint says; nothing when it says none of it."""
+    kind, config = values.get("config", (None, None))
+    config = config if kind == kinds.VALUE and isinstance(config, Mapping) else {}
+    training: dict[str, Any] = {k: _plain(config[k]) for k in _TRAINING if k in config}
+    ema_kind = values.get("ema", (None,))[0]
+    if config.get("ema") is not None or ema_kind == kinds.MODULE:
+        training["ema"] = {"decay": _plain(config.get("ema")), "saved": ema_kind == kinds.MODULE}
+    elif "ema" in config:
+        training["ema"] = None  # trained without
+    scalers = [(name, v) for name, (k, v) in values.items() if k == kinds.SCALER and isinstance(v, Mapping)]
+    if scalers:
+        name, state = scalers[0]
+        training["scaler"] = {"entry": name, "scale": _plain(state.get("scale")),
+                              "growth_tracker": _plain(state.get("_growth_tracker"))}
+    if training:
+        info["training"] = training
     return info
+
+
+def _format_training(t: Mapping[str, Any]) -> str:
+    parts = [f"precision {_short(t['precision'])}"] if "precision" in t else []
+    if "accumulate" in t:
+        parts.append(f"accumulate {_short(t['accumulate'])}")
+    if "compile" in t:
+        parts.append("compiled" if t["compile"] else "not compiled")
+    if t.get("warmup_steps"):
+        parts.append(f"warm-up {_short(t['warmup_steps'])} steps")
+    if t.get("ema"):
+        ema = t["ema"]
+        decay = f"decay {_short(ema['decay'])}" if ema["decay"] is not None else "decay not recorded"
+        saved = "averaged model saved as entry 'ema'" if ema["saved"] else "no averaged model saved"
+        parts.append(f"ema {decay} ({saved})")
+    elif "ema" in t:
+        parts.append("no ema")
+    if "scaler" in t:
+        sc = t["scaler"]
+        named = "" if sc["entry"] == "scaler" else f" (entry {_short(sc['entry'])})"
+        parts.append(f"grad scaler{named} scale {_short(sc['scale'])}, growth tracker {_short(sc['growth_tracker'])}")
+    return ", ".join(parts)
 
 
 def _describe(name: str, kind: str, typ: str | None, value: Any, parameters: int | None) -> dict[str, Any]:

@@ -18,7 +18,8 @@ An export, in ``export_many``, the one place its order lives:
       any other: the temporary file removed, and what the target held before (file and sidecar) kept
 
 Beside each file goes ``<file>.json``: the format, the input shape and data spec (what ``predict`` needs to read
-images and arrays), the model's registry name (what a state dict needs to be rebuilt), and the parity figure.
+images and arrays), the model's registry name (what a state dict needs to be rebuilt), which weights of a run it
+holds ("raw" or "ema"), and the parity figure.
 Loading a file back for eval and predict (``load_model``, ``detect_format``, ``read_sidecar``) is loading.py.
 """
 
@@ -38,6 +39,7 @@ from etappe.checkpoint import fsio
 from etappe.errors import EtappeError, UsageError
 from etappe.export import parity, writers
 from etappe.export.loading import (
+    WEIGHTS,
     OnnxModule,
     ProgramModule,
     detect_format,
@@ -50,10 +52,10 @@ from etappe.export.writers import FORMATS, ExportError, format_from_suffix, requ
 from etappe.state import eval_mode, unwrap
 
 __all__ = [
-    "FORMATS", "FRESH_PROCESS_FORMATS", "PARITY_BATCH", "SIDECAR_VERSION", "ExportError", "Exported", "OnnxModule",
-    "ProgramModule", "detect_format", "export", "export_all", "export_many", "export_path", "format_from_suffix",
-    "load_model", "parity_process", "read_sidecar", "require_onnx", "sidecar_path", "to_exported_program", "to_onnx",
-    "to_safetensors", "to_state_dict", "to_torchscript",
+    "FORMATS", "FRESH_PROCESS_FORMATS", "PARITY_BATCH", "SIDECAR_VERSION", "WEIGHTS", "ExportError", "Exported",
+    "OnnxModule", "ProgramModule", "detect_format", "export", "export_all", "export_many", "export_path",
+    "format_from_suffix", "load_model", "parity_process", "read_sidecar", "require_onnx", "sidecar_path",
+    "to_exported_program", "to_onnx", "to_safetensors", "to_state_dict", "to_torchscript",
 ]
 
 SIDECAR_VERSION = 1
@@ -146,6 +148,7 @@ def export_many(
     model_name: str | None = None,
     model_kwargs: Mapping[str, Any] | None = None,
     seed: int = 0,
+    weights: str | None = None,
 ) -> list[Exported]:
     """Export ``model`` to each ``{format: path}`` in ``targets``, then check every file's parity.
 
@@ -153,7 +156,8 @@ def export_many(
     ``inputs`` is the batch compared in the parity check (default: ``PARITY_BATCH`` seeded random rows shaped
     like the example). ``atol`` defaults to 1e-5 for float32 outputs (1e-10 for float64, 1e-2 for 16-bit).
     ``spec`` (a DataSpec or its dict), ``model_name`` and ``model_kwargs`` are recorded in each file's sidecar
-    for ``predict`` and for rebuilding a state dict's model. A path gets its new file only once that file has
+    for ``predict`` and for rebuilding a state dict's model, and ``weights`` ("raw", "ema": which weights of a run
+    ``model`` holds) as the sidecar's ``weights``. A path gets its new file only once that file has
     passed; until then, and whenever it fails, the path and its sidecar keep what they held.
     """
     unknown = [f for f in targets if f not in FORMATS]
@@ -194,7 +198,7 @@ def export_many(
             done = Exported(path=path, format=fmt, method=method, max_abs_diff=diff, atol=tolerance,
                             samples=len(check), inputs=inputs_note, loaded_in=parity.where_loaded(fmt, forbid))
             with fsio.atomic_path(done.sidecar) as side:
-                side.write_bytes(_sidecar(done, example, spec, model_name, model_kwargs))
+                side.write_bytes(_sidecar(done, example, spec, model_name, model_kwargs, weights))
                 file.close()  # the file into place, then (leaving this block) its sidecar
             exported.append(done)
     if failures:
@@ -214,9 +218,8 @@ def _discard(file: contextlib.ExitStack) -> None:
         raise _Discarded
 
 
-def _sidecar(
-    done: Exported, example: torch.Tensor, spec: Any, model_name: str | None, model_kwargs: Mapping | None
-) -> bytes:
+def _sidecar(done: Exported, example: torch.Tensor, spec: Any, model_name: str | None, model_kwargs: Mapping | None,
+             weights: str | None) -> bytes:
     spec_dict = spec.to_dict() if hasattr(spec, "to_dict") else (dict(spec) if spec else None)
     input_shape = list(example.shape[1:])
     if spec_dict is not None and list(spec_dict.get("input_shape", input_shape)) != input_shape:
@@ -231,6 +234,7 @@ def _sidecar(
         "data_spec": spec_dict,
         "model": model_name,
         "model_kwargs": dict(model_kwargs or {}),
+        "weights": weights,
         "parity": {
             "max_abs_diff": done.max_abs_diff,
             "atol": done.atol,
@@ -272,11 +276,13 @@ def export_path(
     data_dir: str | None = None,
     samples: int = 64,
     trusted: bool = False,
+    weights: str = "raw",
 ) -> list[Exported]:
     """Export a run, checkpoint or weights file: the example and parity inputs are the first ``samples``
     test-set inputs of the data set the run records (seeded random ones if it cannot be loaded or
     ``input_shape`` differs). ``out`` is the file for one format, a folder for several (default:
-    ``RUN/export/model.<suffix>``). ``model`` and ``trusted`` as for ``load_model``."""
+    ``RUN/export/model.<suffix>``). ``model``, ``trusted`` and ``weights`` ("raw", "ema") as for ``load_model``;
+    the sidecars record which weights they hold."""
     path = Path(path)
     if path.is_file():
         fmt = detect_format(path)
@@ -284,7 +290,8 @@ def export_path(
             raise UsageError(f"{path}: {_NOT_EXPORTABLE[fmt]}, which export does not take: it exports a run, a "
                              "checkpoint or a weights file (a state dict or .safetensors); run this one with etappe "
                              "predict, or export again from the run it came from")
-    module, config = load_model(path, which=which, model=model, input_shape=input_shape, trusted=trusted)
+    module, config = load_model(path, which=which, model=model, input_shape=input_shape, trusted=trusted,
+                                weights=weights)
     spec = dict(config.get("data_spec") or {})
     shape = tuple(input_shape or spec.get("input_shape") or config.get("input_shape") or ())
     if not shape:
@@ -294,7 +301,8 @@ def export_path(
     inputs = _real_inputs(config, shape, samples, data_dir)
     example = inputs[:2] if inputs is not None else torch.zeros((2, *shape))
     kw = dict(inputs=inputs, atol=atol, spec=spec or None, model_name=config.get("model"),
-              model_kwargs=config.get("model_kwargs"), seed=int(config.get("seed", 0) or 0))
+              model_kwargs=config.get("model_kwargs"), seed=int(config.get("seed", 0) or 0),
+              weights=config.get("weights") if config.get("weights") in WEIGHTS else None)  # a sidecar's: a record
     if len(formats) == 1 and out is not None and not Path(out).is_dir():
         return export_many(module, example, {formats[0]: out}, **kw)
     directory = Path(out) if out is not None else _default_export_dir(path)

@@ -12,7 +12,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from etappe.checkpoint import reading
+from etappe.checkpoint import kinds, reading
 from etappe.checkpoint.errors import TrustError
 from etappe.config import monitor_mode
 from etappe.errors import EtappeError, UsageError, first_line
@@ -72,6 +72,7 @@ def load_model(
     num_outputs: int | None = None,
     model_kwargs: Mapping[str, Any] | None = None,
     trusted: bool = False,
+    weights: str = "raw",
 ) -> tuple[nn.Module, dict]:
     """Load a model for inference, in eval mode, from a run folder (its ``which`` checkpoint: best or latest),
     a checkpoint folder, a state dict (torch.save or safetensors), a TorchScript file, a ``.pt2`` or an ONNX file
@@ -84,17 +85,33 @@ def load_model(
     checkpoint's config; a model named there must be one of etappe's built-in models, unless ``trusted`` or the
     same ``module:factory`` is given as ``model``. ``model`` (a registry name or module:factory), ``input_shape``
     and ``num_outputs`` supply or override what those record.
+
+    ``weights``: "raw" (the model's own weights, the checkpoint's ``model`` entry) or "ema" (the averaged weights a
+    run trained with ``ema`` saves as its ``ema`` entry; of a file: its ``ema`` entry, or the file itself when its
+    sidecar says it was exported from them). ``config["weights"]`` says which were loaded. A state dict saved from
+    a compiled or DDP-wrapped model (``_orig_mod.``/``module.`` names) loads into the plain model.
     """
     path = Path(path)
     if not path.exists():
         raise UsageError(f"{path} does not exist; expected a run folder, a checkpoint folder or a model file")
-    overrides = {"model": model, "input_shape": input_shape, "num_outputs": num_outputs, "model_kwargs": model_kwargs}
+    if weights not in WEIGHTS:
+        raise UsageError(f"weights: expected one of {', '.join(map(repr, WEIGHTS))}, got {weights!r}")
+    overrides = {"model": model, "input_shape": input_shape, "num_outputs": num_outputs, "model_kwargs": model_kwargs,
+                 "weights": weights}
     if path.is_dir():
         module, config = _load_folder(path, which, overrides, trusted)
     else:
         module, config = _load_file(path, overrides, trusted)
     module.eval()
     return module, config
+
+
+WEIGHTS = ("raw", "ema")  # which weights of a run: the model's own, or their exponential moving average
+
+
+def _no_ema(path: Path, holds: str) -> UsageError:
+    return UsageError(f"{path}: {holds}, so it has no EMA weights; use --weights raw (Python: weights='raw'), or "
+                      "train with --ema DECAY")
 
 
 def _load_folder(path: Path, which: str, overrides: dict, trusted: bool) -> tuple[nn.Module, dict]:
@@ -111,6 +128,10 @@ def _load_folder(path: Path, which: str, overrides: dict, trusted: bool) -> tupl
         ckpt = store.best() if which == "best" else store.latest()
         if ckpt is None:
             if (path / "model.safetensors").is_file():
+                if overrides["weights"] == "ema":
+                    raise UsageError(f"{path}: no valid checkpoint under {path / 'checkpoints'}, and model.safetensors "
+                                     "holds the raw weights only; use --weights raw, or check the checkpoints with "
+                                     "etappe verify")
                 return _load_file(path / "model.safetensors", overrides, trusted)
             raise EtappeError(f"{path}: no valid checkpoint under {path / 'checkpoints'} and no model.safetensors; "
                               "train first (etappe train --run-dir ...) or check it with etappe verify")
@@ -124,12 +145,17 @@ def _load_checkpoint(path: Path, overrides: dict, trusted: bool) -> tuple[nn.Mod
     values = load(path)  # verified; entries come back as plain values, the model as its state dict
     config = values.get("config")
     config = dict(config) if isinstance(config, Mapping) else {}
-    state = values.get("model")
+    weights = overrides["weights"]
+    entry = "ema" if weights == "ema" else "model"
+    state = values.get(entry)
     if not isinstance(state, Mapping):
-        raise EtappeError(f"{path}: the checkpoint holds no 'model' entry; it holds: {', '.join(values)}")
+        if weights == "ema" and isinstance(values.get("model"), Mapping):
+            raise _no_ema(path, "the checkpoint holds no 'ema' entry: the run was not trained with --ema")
+        raise EtappeError(f"{path}: the checkpoint holds no {entry!r} entry; it holds: {', '.join(values)}")
     module = _build(config, overrides, str(path), trusted, state)
     _load_state(module, state, path, config)
     config["checkpoint"] = str(path)
+    config["weights"] = weights
     return module, config
 
 
@@ -141,7 +167,7 @@ def _read_config(folder: Path) -> dict | None:
 
 def _load_state(module: nn.Module, state: Mapping, path: Path, config: dict) -> None:
     try:
-        module.load_state_dict(state)
+        module.load_state_dict(kinds.unprefixed(state, module.state_dict().keys()))
     except (RuntimeError, TypeError, ValueError) as exc:
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
         raise UsageError(f"{path} does not fit model {config['model']!r} with input shape "
@@ -170,6 +196,8 @@ def _load_file(path: Path, overrides: dict, trusted: bool) -> tuple[nn.Module, d
     elif not config.get("data"):
         config["data"] = spec.get("name")
     config["format"] = fmt
+    if overrides["weights"] == "ema" and config.get("weights") != "ema" and fmt not in ("state-dict", "safetensors"):
+        raise _no_ema(path, f"no sidecar says this {fmt} file was exported with --weights ema")
     if fmt in _PROGRAMS and not trusted:
         raise TrustError(_PROGRAMS[fmt].format(path=path))
     if fmt == "onnx":
@@ -189,9 +217,11 @@ def _load_file(path: Path, overrides: dict, trusted: bool) -> tuple[nn.Module, d
     elif fmt == "torchscript":
         module = _opened(path, "TorchScript archive", lambda: torch.jit.load(str(path), map_location="cpu"))
     else:
-        state = _read_state(path, fmt)
+        state = _read_state(path, overrides["weights"], config.get("weights") == "ema")
         module = _build(config, overrides, str(path), trusted, state)
         _load_state(module, state, path, config)
+    if overrides["weights"] == "ema":
+        config["weights"] = "ema"
     if overrides["input_shape"]:
         config["input_shape"] = list(overrides["input_shape"])
     if not config.get("data_spec") and config.get("input_shape"):
@@ -245,11 +275,17 @@ def detect_format(path: str | Path) -> str:
     raise EtappeError(f"{path}: not a model file etappe reads (it starts with 0x{head[:8].hex()}); {_EXPECTED}")
 
 
-def _read_state(path: Path, fmt: str) -> dict:
+def _read_state(path: Path, weights: str, exported_ema: bool) -> dict:
+    """The state dict a weights file holds: the file itself, or the one under a wrapper's key; with ``weights``
+    "ema", its ``ema`` entry, or the whole file when its sidecar says it holds EMA weights (``exported_ema``)."""
     from etappe.checkpoint import torchsave
 
     state = torchsave.read(path)  # weights only: checked archive, no pickled objects, sparse tensors checked
-    if isinstance(state, Mapping):
+    if weights == "ema" and isinstance(state, Mapping) and isinstance(state.get("ema"), Mapping):
+        state = state["ema"]
+    elif weights == "ema" and not exported_ema:
+        raise _no_ema(path, "the file holds no 'ema' entry and no sidecar says it was exported with --weights ema")
+    elif isinstance(state, Mapping):
         for key in ("model_state_dict", "state_dict", "model"):  # common wrappers around a state dict
             if isinstance(state.get(key), Mapping):
                 state = state[key]
@@ -320,7 +356,7 @@ def _check_fits(name: str, shape: tuple[int, ...], outputs: int, kwargs: dict, s
     except Exception:  # a factory that cannot run on the meta device: the real build reports its own failure
         return
     wanted = {k: tuple(v.shape) for k, v in probe.state_dict().items()}
-    given = {k: tuple(v.shape) for k, v in state.items() if torch.is_tensor(v)}
+    given = {k: tuple(v.shape) for k, v in kinds.unprefixed(state, wanted).items() if torch.is_tensor(v)}
     missing = [k for k in wanted if k not in given]
     unexpected = [k for k in given if k not in wanted]
     differ = [k for k in wanted if k in given and wanted[k] != given[k]]

@@ -183,6 +183,15 @@ def _capture_program(model: nn.Module, example: torch.Tensor) -> Any:
 
 
 def _cannot(fmt: str, exc: BaseException, model: nn.Module, example: torch.Tensor) -> ExportError:
+    """The one-line error of a model a format cannot capture; a Ctrl-C or a file-system error that torch's exporter
+    wrapped is raised as itself: neither says anything of the model."""
+    e: BaseException | None = exc
+    seen = []
+    while e is not None and e not in seen:
+        seen.append(e)
+        if isinstance(e, KeyboardInterrupt) or (isinstance(e, OSError) and e.errno is not None):
+            raise e  # (an OSError without errno is inspect's "could not get source code": scripting's failure)
+        e = e.__cause__ or e.__context__
     return ExportError(f"format {fmt!r} cannot capture this model: {_reason(exc)}; {_what_works(model, example, fmt)}")
 
 
