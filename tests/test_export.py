@@ -3,6 +3,7 @@ fresh process, in onnxruntime), eval-mode behaviour, dynamic batch, clear errors
 
 from __future__ import annotations
 
+import errno
 import json
 import subprocess
 import sys
@@ -388,3 +389,30 @@ def test_cli_export_errors_are_one_line(run_dir, tmp_path):
     result = run_cli("export", str(run_dir / "model.safetensors"), "--format", "onnx", "--input-shape", "1,16,16")
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
     assert "does not fit model 'cnn' with input shape (1, 16, 16)" in result.stderr
+
+
+def test_a_write_error_during_an_onnx_export_is_the_os_error_not_a_capture_failure(tmp_path):
+    """torch's exporter wraps what went wrong; a full disk (here a real RLIMIT_FSIZE) is not the model's failure,
+    and nothing is left beside the target."""
+    pytest.importorskip("onnx")
+    script = tmp_path / "efbig.py"
+    script.write_text(
+        "import resource, signal, sys, torch\n"
+        "from torch import nn\n"
+        "import etappe.export as ex\n"
+        "from etappe.export.writers import ExportError\n"
+        "m = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 2)).eval()\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))\n"
+        "try:\n"
+        "    ex.export(m, torch.randn(2, 64), sys.argv[1])\n"
+        "    print('no error')\n"
+        "except ExportError as e:\n"
+        "    print('ExportError', e)\n"
+        "except OSError as e:\n"
+        "    print('OSError', e.errno)\n"
+    )
+    out = subprocess.run([sys.executable, str(script), str(tmp_path / "out" / "m.onnx")], capture_output=True,
+                         text=True, timeout=300)
+    assert out.stdout.strip().splitlines()[-1] == f"OSError {errno.EFBIG}", out.stdout + out.stderr
+    assert list((tmp_path / "out").iterdir()) == []

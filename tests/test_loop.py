@@ -315,3 +315,29 @@ def test_what_a_step_fn_returns_is_checked(returned, message):
     with pytest.raises(error, match=message):
         Trainer({"m": model}, {"o": torch.optim.SGD(model.parameters(), lr=0.1)}, train_data=small_classification(),
                 step_fn=lambda batch: returned, progress=False, quiet=True).fit(1)
+
+
+def test_names_that_would_collide_in_a_checkpoint_and_ema_of_several_models_are_refused():
+    g, d = nn.Linear(4, 3), nn.Linear(4, 3)
+    opts = {"G": torch.optim.SGD(g.parameters(), lr=0.1), "D": torch.optim.SGD(d.parameters(), lr=0.1)}
+    for models, optimizers, message in [({"G": g, "D": d}, opts, r"'D', 'G' is taken"),
+                                        ({"ema": g}, {"o": opts["G"]}, r"'ema' is taken")]:
+        with pytest.raises(UsageError, match=message):
+            Trainer(models, optimizers, train_data=small_classification(), step_fn=lambda b: 0.0)
+    with pytest.raises(UsageError, match=r"ema averages one model's weights"):
+        Trainer({"g": g, "d": d}, {"og": opts["G"]}, train_data=small_classification(), step_fn=lambda b: 0.0,
+                ema=0.9)
+
+
+def test_a_changed_warmup_is_refused_on_resume_even_when_changes_are_allowed(tmp_path):
+    def trainer(warmup):
+        torch.manual_seed(0)
+        model = nn.Linear(4, 3)
+        return Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), nn.CrossEntropyLoss(),
+                       train_data=small_classification(), run_dir=tmp_path / "run", warmup_steps=warmup,
+                       allow_config_change=True, progress=False, quiet=True)
+
+    trainer(5).fit(1)
+    with pytest.raises(UsageError, match=r"another warm-up \(warmup_steps: 5 -> 50\).*even with --allow-config-change"):
+        trainer(50).fit(2)
+    assert LoopOptions(precision=32).precision == "32"  # TOML's precision = 32

@@ -42,7 +42,8 @@ HELP = {
     "compile": "torch.compile the model for training (off by default: slower than eager for small models on CPU)",
     "ema": "keep an exponential moving average of the weights with this decay (e.g. 0.999), validate with it, and "
            "save it (eval/export --weights ema)",
-    "warmup_steps": "linear learning-rate warm-up over this many optimizer steps, before any scheduler",
+    "warmup_steps": "linear learning-rate warm-up over this many optimizer steps (its factor multiplies a "
+                    "--scheduler's)",
     "seed": "random seed (weights, data order, dropout)",
     "device": "auto (CUDA when present, else CPU), cpu, cuda, cuda:N",
     "deterministic": "use deterministic algorithms (default: on for CPU)",
@@ -210,6 +211,8 @@ def _train(config: TrainConfig, allow_config_change: bool) -> int:
             with _writing(weights):
                 _save_weights(state, weights)
             acc = f" | test accuracy {100 * result['accuracy']:.2f}%" if "accuracy" in result else ""
+            if config.ema is not None:
+                acc += " (raw weights; EMA weights: etappe eval RUN --weights ema)"
             print(f"Test loss {result['loss']:.4f}{acc} ({result['samples']} samples) | weights {weights} | "
                   f"{time.perf_counter() - start:.1f} s", flush=True)
         clean = True
@@ -234,7 +237,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from etappe.loop import evaluate
 
     model, config = load_model(args.path, which=args.checkpoint, model=args.model, trusted=args.trust,
-                               weights=args.weights)
+                               weights=args.weights, input_shape=args.input_shape)
     data_name = args.data or config.get("data")
     if not data_name:
         raise UsageError(f"{args.path} does not record its data set; pass --data NAME")
@@ -428,6 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default="auto")
     ev.add_argument("--json", action="store_true", help="print JSON")
     ev.add_argument("--model", help="registry name (or module:factory) to rebuild the weights into")
+    ev.add_argument("--input-shape", type=_shape, metavar="C,H,W", help="one sample's shape, if not recorded")
     ev.add_argument("--trust", action="store_true", help=TRUST_HELP)
     _add_weights_flag(ev)
     ev.set_defaults(handler=cmd_eval)

@@ -65,7 +65,7 @@ class LoopOptions:
     accumulate: int = 1  # micro-batches of batch_size per optimizer step
     compile: bool = False  # torch.compile the model's forward for training
     ema: float | None = None  # decay of an exponential moving average of the weights, kept and validated with
-    warmup_steps: int = 0  # optimizer steps of linear learning-rate warm-up, before any scheduler
+    warmup_steps: int = 0  # optimizer steps of linear learning-rate warm-up (its factor multiplies a scheduler's)
     scheduler_interval: str = "epoch"  # step the schedulers after every epoch, or after every optimizer step
     device: str = "auto"  # CUDA when present, else CPU
     deterministic: bool | None = None  # None: on for CPU, off for CUDA
@@ -279,6 +279,12 @@ def check_resume(where: str | os.PathLike, saved: Mapping[str, Any], new: Mappin
             f"{where} was trained with another type of optimizer ({'; '.join(changed)}); its saved state cannot be "
             "loaded into that one, even with --allow-config-change (allow_config_change=True). Use a new run folder"
         )
+    fixed = [d for d in differences if d.startswith("warmup_steps:")]
+    if fixed:  # the saved warm-up scheduler has its length built in; another length would be recorded, not run
+        raise UsageError(
+            f"{where} was trained with another warm-up ({fixed[0]}); it cannot change once the run started, even "
+            "with --allow-config-change (allow_config_change=True). Use a new run folder"
+        )
     if differences and not allow:
         raise UsageError(
             f"{where} was trained with a different config ({'; '.join(differences)}); resuming would make it a "
@@ -447,6 +453,13 @@ def _model_kwargs(name: str, value: Any) -> Any:
         ) from None
 
 
+def _precision(name: str, value: Any) -> Any:
+    """One of PRECISIONS; the number 32 (TOML's ``precision = 32``) is "32"."""
+    if isinstance(value, int) and not isinstance(value, bool) and value == 32:
+        value = "32"
+    return _choice(PRECISIONS)(name, value)
+
+
 def _fraction(name: str, value: Any) -> Any:
     """An EMA decay: a number strictly between 0 and 1 (0.999 is typical), or unset."""
     if value is None:
@@ -474,7 +487,7 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "step_size": _integer(1, _POSITIVE),
     "gamma": _number(0, True, "a positive number"),
     "clip_grad_norm": _number(0, True, "a positive number", optional=True),
-    "precision": _choice(PRECISIONS),
+    "precision": _precision,
     "accumulate": _integer(1, _POSITIVE),
     "compile": _flag(),
     "ema": _fraction,

@@ -36,6 +36,8 @@ from etappe.data.sets import TensorData
 from etappe.errors import EtappeError, TrainingError, UsageError, first_line
 from etappe.state import EMA, History, PerRank, Progress, derive_seed, eval_mode, seed_everything, unwrap
 
+# The names of what a checkpoint holds besides the user's objects (Trainer.state_objects).
+_RESERVED = {"ema", "scaler", "warmup", "progress", "history", "per_rank", "config"}
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: the run stopped cleanly and can be resumed
 
 
@@ -316,10 +318,17 @@ class Trainer:
         if step_fn is not None and (self.loop.accumulate > 1 or self.loop.precision != "32" or self.loop.compile):
             raise UsageError("accumulate, precision and compile apply to the built-in step; a step_fn does its own "
                              "(torch.autocast, several backward calls before its optimizer step, torch.compile)")
+        names = [*self.models, *self.optimizers, *self.schedulers]
+        taken = sorted({n for n in names if names.count(n) > 1} | (set(names) & _RESERVED))
+        if taken:
+            raise UsageError(f"Trainer's models, optimizers and schedulers need names of their own, each unlike "
+                             f"{', '.join(sorted(_RESERVED))}: {', '.join(map(repr, taken))} is taken; a checkpoint "
+                             "holds them by these names")
+        if self.loop.ema is not None and len(self.models) > 1:
+            raise UsageError("ema averages one model's weights; with several models, keep an average in your step_fn "
+                             "(torch.optim.swa_utils.AveragedModel) and save it as a model of its own")
         if self.sharded and self.loop.ema is not None:
             raise UsageError("ema does not apply to a sharded (FSDP) model: each rank holds only its shards")
-        if "warmup" in self.schedulers and self.loop.warmup_steps:
-            raise UsageError("a scheduler named 'warmup' is etappe's with warmup_steps; give yours another name")
         if self.sharded and self.saving.async_save:
             raise UsageError("async_save does not apply to a sharded (FSDP) model; every rank saves its shards together")
         self.train_data, self._collate = self._dataset_of(train_data)
