@@ -233,7 +233,8 @@ def test_sigterm_mid_window_finishes_the_window_saves_and_resumes_exactly(refere
 def test_three_epochs_then_six_equals_six_straight(case, command, reference, scratch):
     shutil.copytree(reference(case, 3)[1] / "run", scratch / "staged")  # stage one: the three-epoch reference run
     cwd = workdir(scratch)
-    more = ["train", *CASES[case], "--run-dir", "staged"] if command == "train" else ["resume", "staged"]
+    # resume: --trust, since the run's config names the test's counting model (counted.py)
+    more = ["train", *CASES[case], "--run-dir", "staged"] if command == "train" else ["resume", "staged", "--trust"]
     second = run_cli(*more, "--epochs", "6", "--quiet", cwd=cwd)
     assert second.returncode == 0, second.stderr
     staged = final_state(cwd / "staged")
