@@ -112,6 +112,20 @@ def ratios(runs: list[tuple[float, float]]) -> list[float]:
     return [a / b for a, b in runs]
 
 
+def measure_pairs(variants: dict, repeats: int, title: str) -> tuple[dict, object]:
+    """Run the paired variants in alternating rounds and print their table: each ratio's median, min and max."""
+    rounds = common.Rounds()
+    pairs = common.alternate(variants, repeats, rounds=rounds)
+    rows = []
+    for v, runs in pairs.items():
+        r = ratios(runs)
+        rows.append([v, common.median(a for a, _ in runs), common.median(b for _, b in runs), common.median(r),
+                     min(r), max(r)])
+    common.table(title, ["ratio", "variant samples/s", "reference samples/s", "median", "min", "max"], rows)
+    print(rounds)
+    return pairs, rounds
+
+
 def verdict(value: float, target: float) -> str:
     return "met" if value >= target else "NOT met"
 
@@ -135,17 +149,8 @@ def precision_part(names: list[str], xf, y, data, repeats: int, summary: list) -
             "trainer 32 / bound fp32": paired(lambda: trainer(w, data, precision="32"), b32),
             "trainer bf16-mixed / bound bf16": paired(lambda: trainer(w, data, precision="bf16-mixed"), b16),
         }
-        rounds = common.Rounds()
-        pairs = common.alternate(variants, repeats, rounds=rounds)
-        rows = []
-        for v, runs in pairs.items():
-            r = ratios(runs)
-            rows.append([v, common.median(a for a, _ in runs), common.median(b for _, b in runs), common.median(r),
-                         min(r), max(r)])
-        common.table(f"a. {name}: {w['model']} batch {w['batch_size']}, {w['optimizer']} lr {w['lr']}, "
-                     f"{len(xf)} samples", ["ratio", "variant samples/s", "reference samples/s", "median", "min",
-                                            "max"], rows)
-        print(rounds)
+        pairs, rounds = measure_pairs(variants, repeats, f"a. {name}: {w['model']} batch {w['batch_size']}, "
+                                      f"{w['optimizer']} lr {w['lr']}, {len(xf)} samples")
         med = {v: common.median(ratios(runs)) for v, runs in pairs.items()}
         summary.append([name, med["bound bf16 / bound fp32"], med["trainer 32 / bound fp32"],
                         med["trainer bf16-mixed / bound bf16"],
@@ -234,16 +239,8 @@ def accumulation_part(names: list[str], xf, y, data, repeats: int, summary: list
             f"bound {label} / bound {MICRO * ACCUMULATE}": paired(b_acc, b_whole),
             f"trainer {label} / bound {label}": paired(lambda: trainer(micro, data, accumulate=ACCUMULATE), b_acc),
         }
-        rounds = common.Rounds()
-        pairs = common.alternate(variants, repeats, rounds=rounds)
-        rows = []
-        for v, runs in pairs.items():
-            r = ratios(runs)
-            rows.append([v, common.median(a for a, _ in runs), common.median(b for _, b in runs), common.median(r),
-                         min(r), max(r)])
-        common.table(f"c. accumulation, {base['model']} ({base['optimizer']} lr {base['lr']}), fp32, {len(xf)} "
-                     "samples", ["ratio", "variant samples/s", "reference samples/s", "median", "min", "max"], rows)
-        print(rounds)
+        pairs, rounds = measure_pairs(variants, repeats, f"c. accumulation, {base['model']} ({base['optimizer']} lr "
+                                      f"{base['lr']}), fp32, {len(xf)} samples")
         summary.append([name.split("-")[0]] + [common.median(ratios(runs)) for runs in pairs.values()])
         out[name] = {"pairs": pairs, "rounds": str(rounds)}
     return out
