@@ -46,3 +46,9 @@ def test_gan_learns_the_target_mean_with_two_models_in_one_checkpoint():
     out = run_example("gan.py")
     mean = numbers(out)[0]
     assert abs(mean - 3.0) < 0.5, out
+
+
+def test_own_loop_trains_and_saves_its_final_state(tmp_path):
+    out = run_example("own_loop.py", "--run-dir", str(tmp_path), "--epochs", "2")
+    assert float(out.split("epoch 2: test accuracy ")[1].split("%")[0]) >= 80.0, out
+    assert "saved step 90" in out and (tmp_path / "final" / "manifest.json").is_file()

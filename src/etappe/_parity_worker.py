@@ -7,8 +7,10 @@ Modules in FORBID_JSON (etappe), and in each JOBS.json's "forbid" (the modules d
 cannot be imported here, so a file that needs them to load fails the check instead of passing because they
 happened to be importable. The process starts while the parent is still writing the files: it imports what
 FORMATS need first (torch and torch.export's loader take seconds), then reads JOBS.json paths until end of
-input. JOBS.json: {"forbid": [...], "jobs": [{"format", "file", "inputs", "outputs"}]}; the results go to
-stdout as one line starting with MARK. ONNX files run in onnxruntime. This file is run by path and imports
+input. JOBS.json: {"forbid": [...], "jobs": [{"format", "file", "inputs", "args", "kwargs", "names", "outputs"}]}:
+"inputs" an .npz of positional inputs a0, a1 ... and keyword inputs k0, k1 ... (named in "kwargs"), "names" the
+ONNX file's input names; each job's outputs go to its "outputs" .npz, flattened, and the results to stdout as one
+line starting with MARK. ONNX files run in onnxruntime. This file is run by path and imports
 nothing from etappe.
 
 TorchScript and .pt2 files run code of theirs when loaded (etappe.export.load_model asks for trust for them);
@@ -43,15 +45,31 @@ class Forbid(importlib.abc.MetaPathFinder):
         return None
 
 
+def flatten(out) -> list:  # noqa: ANN001
+    """A model's outputs in etappe's one order (etappe.export.writers.flatten_outputs, which this file cannot
+    import): a tensor; tuples and lists depth first; a dict's values in its order."""
+    if isinstance(out, dict):
+        return [t for v in out.values() for t in flatten(v)]
+    if isinstance(out, (tuple, list)):
+        return [t for v in out for t in flatten(v)]
+    return [out]
+
+
 def run(job: dict) -> None:
     import numpy as np
 
-    x = np.load(job["inputs"], allow_pickle=False)
+    with np.load(job["inputs"], allow_pickle=False) as z:
+        args = [z[f"a{i}"] for i in range(job["args"])]
+        kwargs = {name: z[f"k{i}"] for i, name in enumerate(job["kwargs"])}
     if job["format"] == "onnx":
         import onnxruntime
 
         session = onnxruntime.InferenceSession(job["file"], providers=["CPUExecutionProvider"])
-        outputs = session.run(None, {session.get_inputs()[0].name: x})
+        wanted = [i.name for i in session.get_inputs()]
+        given = args + list(kwargs.values())
+        names = job.get("names") or wanted  # the names the export gave, in the inputs' order
+        feed = {name: x for name, x in zip(names, given) if name in wanted}
+        outputs = session.run(None, feed)
     else:
         import torch
 
@@ -63,8 +81,8 @@ def run(job: dict) -> None:
         else:
             raise ValueError(f"unknown format {job['format']!r}")
         with torch.no_grad():
-            out = model(torch.from_numpy(x))
-        outputs = [o.numpy() for o in ([out] if torch.is_tensor(out) else out)]
+            out = model(*[torch.from_numpy(x) for x in args], **{k: torch.from_numpy(v) for k, v in kwargs.items()})
+        outputs = [o.numpy() for o in flatten(out)]
     np.savez(job["outputs"], *outputs)
 
 

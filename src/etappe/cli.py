@@ -149,6 +149,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_resume(args: argparse.Namespace) -> int:
     run_dir = Path(args.run)
     if _saved_config(run_dir) is None:
+        if (run_dir / "checkpoints").is_dir():  # made in Python (etappe.fit, Trainer) from objects the CLI cannot rebuild
+            raise UsageError(
+                f"{run_dir} was trained in Python with a model or data the command line cannot rebuild (no config.json); "
+                f"resume it in Python: call the same etappe.fit(..., run_dir={str(run_dir)!r}) (or Trainer.fit) again")
         raise UsageError(f"{run_dir} is not a run folder (no config.json); start one with: etappe train --run-dir {run_dir}")
     return _resume(run_dir, args)
 
@@ -243,6 +247,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.path} does not record its data set; pass --data NAME")
     data = load_dataset(data_name, data_dir=args.data_dir or config.get("data_dir"), seed=config.get("seed", 0))
     _check_input_shape(args.path, config, data_name, tuple(data.spec.input_shape))
+    _check_one_input_one_output(args.path, config, model, data)
     loss_fn = make_loss(config.get("loss", "auto"), data)
     result = evaluate(model, data.test, loss_fn, device=args.device)
     if config.get("weights") in ("raw", "ema"):  # which weights of a run were evaluated
@@ -256,6 +261,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
         which = " (ema weights)" if result.get("weights") == "ema" else ""
         print(f"{data_name} test{which}: loss {result['loss']:.4f}{acc} ({result['samples']} samples)")
     return 0
+
+
+def _check_one_input_one_output(path: str, config: dict, model: Any, data: Any) -> None:
+    """eval feeds a data set's input to the model and scores one output against its target: a model with several
+    inputs or outputs (an export's sidecar records them; a run's model is asked, on two test samples) is refused
+    with what to do, rather than scored on a guess."""
+    import torch
+
+    from etappe.export.writers import flatten_outputs
+
+    inputs = config.get("inputs")
+    if isinstance(inputs, list) and len(inputs) > 1:
+        names = ", ".join(str(i.get("name")) if isinstance(i, dict) else "?" for i in inputs)
+        raise UsageError(f"{path} takes {len(inputs)} inputs ({names}); etappe eval feeds it one, the data set's: "
+                         "evaluate it in Python with etappe.evaluate and data that yields what it takes")
+    x, _ = data.test.batch(torch.arange(min(2, len(data.test))))
+    with torch.no_grad():
+        out = model(x)
+    if not torch.is_tensor(out):
+        names = flatten_outputs(out, str(path))[0]
+        raise UsageError(f"{path} returns {len(names)} outputs ({', '.join(names)}); etappe eval scores one against "
+                         "the data set's targets: wrap the model in an nn.Module that returns the one to score and "
+                         "pass it to etappe.evaluate, or etappe predict to see every output")
 
 
 def _check_input_shape(path: str, config: dict, data_name: str, found: tuple[int, ...]) -> None:
@@ -304,9 +332,34 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_verify(args: argparse.Namespace) -> int:
-    from etappe.checkpoint import verify_tree
+def cmd_diff(args: argparse.Namespace) -> int:
+    from etappe.comparison import diff
 
+    try:
+        result = diff(args.a, args.b, atol=args.atol, trusted=args.trust)
+    except EtappeError as exc:  # 1 says "they differ", so every failure exits 2, as diff(1) and cmp(1) do
+        raise UsageError(str(exc)) from None
+    except OSError as exc:
+        raise UsageError(_os_error_line(exc, writing=False)) from None
+    if args.json:
+        import json
+
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        print(result.summary())
+    return result.exit_code
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from etappe.checkpoint import CheckpointError, hf, verify_tree
+
+    if hf.is_folder(Path(args.path)):  # model.safetensors or shards with their index: no manifest, no checksums
+        try:
+            print(f"ok    {args.path}: {hf.verify(Path(args.path))}")
+        except CheckpointError as exc:
+            print(f"FAIL  {' '.join(str(exc).split())}")
+            return 1
+        return 0
     results = verify_tree(args.path)
     if not results:
         raise EtappeError(f"{args.path}: no checkpoint found (expected a checkpoint folder or a run folder)")
@@ -351,7 +404,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     formats = list(FORMATS) if args.format == "all" else [args.format]
     try:
         with _writing(Path(args.out) if args.out else Path(args.path), "--out"):
-            exported = export_path(args.path, formats, out=args.out, atol=args.atol, input_shape=args.input_shape,
+            exported = export_path(args.path, formats, out=args.out, atol=args.atol, input_shapes=args.input_shape,
                                    which=args.checkpoint, model=args.model, data_dir=args.data_dir,
                                    trusted=args.trust, weights=args.weights)
     except ExportError as exc:
@@ -368,7 +421,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     results = predict(args.model, args.inputs, top=args.top, resize=args.resize, which=args.checkpoint,
                       input_shape=args.input_shape, model_name=args.model_name, trusted=args.trust,
-                      weights=args.weights)
+                      weights=args.weights, scale=args.scale)
     if args.json:
         import json
 
@@ -441,15 +494,31 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--out", help="image file (default RUN/curves.png)")
     plot.set_defaults(handler=cmd_plot)
 
-    ins = sub.add_parser("inspect", help="list a checkpoint's or torch.save file's tensors, optimizer and counters")
+    ins = sub.add_parser("inspect", help="list a checkpoint's or torch.save file's tensors, optimizer and counters, "
+                                         "or a TorchScript, .pt2 or ONNX file's inputs, outputs and weights")
     ins.add_argument("path", metavar="PATH")
     ins.add_argument("--json", action="store_true", help="print JSON")
-    ins.add_argument("--trust", action="store_true", help="allow full unpickling (runs code from the file!)")
+    ins.add_argument("--trust", action="store_true",
+                     help="allow full unpickling of torch.save files (runs code from the file!); TorchScript, .pt2 "
+                          "and ONNX files are described without running them, with or without it")
     ins.set_defaults(handler=cmd_inspect)
 
     ver = sub.add_parser("verify", help="check sizes and checksums of a checkpoint or every checkpoint of a run")
     ver.add_argument("path", metavar="PATH")
     ver.set_defaults(handler=cmd_verify)
+
+    dif = sub.add_parser("diff", help="compare two checkpoints or weights files tensor by tensor (exit 0: equal, "
+                                      "1: they differ, 2: bad input)")
+    dif.add_argument("a", metavar="A", help="run, checkpoint or Hugging Face style folder, or a torch.save, "
+                                            ".safetensors, TorchScript, .pt2 or ONNX file (read as data, never run)")
+    dif.add_argument("b", metavar="B", help="the same kinds as A")
+    dif.add_argument("--atol", type=float, metavar="TOL",
+                     help="call differences up to TOL (max abs) close, and exit 0 when every difference is close")
+    dif.add_argument("--json", action="store_true", help="print every tensor and value compared, as JSON")
+    dif.add_argument("--trust", action="store_true",
+                     help="also read files that run code when opened (a whole pickled model, a TorchScript module "
+                          "with its own __setstate__)")
+    dif.set_defaults(handler=cmd_diff)
 
     exp = sub.add_parser("export", help="export for inference, then prove the file matches the model (parity check)")
     exp.add_argument("path", metavar="RUN_OR_CHECKPOINT", help="run folder, checkpoint folder or weights file")
@@ -458,7 +527,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="state-dict (.pt), safetensors, torchscript, export (torch.export .pt2), onnx, or all")
     exp.add_argument("--out", help="output file (a folder with --format all; default RUN/export/model.<suffix>)")
     exp.add_argument("--atol", type=_positive(float, "finite number", "1e-5"), help="largest max abs difference allowed (default 1e-5 for float32)")
-    exp.add_argument("--input-shape", type=_shape, metavar="C,H,W", help="one sample's shape, if not recorded")
+    exp.add_argument("--input-shape", type=_shape, metavar="C,H,W", action="append",
+                     help="one sample's shape, if not recorded; once per input for a model with several inputs (a "
+                          "module:factory gets the first as input_shape=; parity then runs on seeded random inputs)")
     exp.add_argument("--model", help="registry name (or module:factory) for a weights file without config")
     exp.add_argument("--checkpoint", choices=("best", "latest"), default="best", help="which checkpoint of a run")
     exp.add_argument("--data-dir", help="folder holding the data set (parity runs on its test inputs)")
@@ -468,11 +539,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     pre = sub.add_parser("predict", help="run a checkpoint or exported model on images, IDX, .npy or CSV files")
     pre.add_argument("model", metavar="MODEL", help="run or checkpoint folder, or an exported file")
-    pre.add_argument("inputs", metavar="INPUT", nargs="+", help="images, IDX files, .npy arrays, CSV rows")
+    pre.add_argument("inputs", metavar="INPUT", nargs="+",
+                     help="images, IDX files, .npy arrays, CSV rows. A model with one input runs every file, each "
+                          "one sample or a batch. A model with several inputs takes one file per input, in the "
+                          "model's input order (as its export sidecar or ONNX file lists them, or as --input-shape "
+                          "is given), or as NAME=FILE; every file must hold the same number of samples")
+    pre.add_argument("--scale", default="auto", metavar="auto|none|N",
+                     help="how file values become model inputs. auto (default): as the model was trained: images "
+                          "/ 255 (16-bit: / 65535), integer arrays scaled like its data set (digits / 16, MNIST / "
+                          "255), floating arrays and CSV as they are; none: every value as the file holds it; a "
+                          "number N: every value / N (e.g. 16 for digits saved as floats 0..16). A warning says "
+                          "when the inputs are far outside the range the model was trained on")
     pre.add_argument("--top", type=_positive(int, "whole number", "5"), default=1, metavar="K", help="show the K most probable classes")
     pre.add_argument("--json", action="store_true", help="print JSON")
     pre.add_argument("--resize", action="store_true", help="resize and convert images to the model's input shape")
-    pre.add_argument("--input-shape", type=_shape, metavar="C,H,W", help="one sample's shape, if not recorded")
+    pre.add_argument("--input-shape", type=_shape, metavar="C,H,W", action="append",
+                     help="one sample's shape, if not recorded; once per input, in order, for a model with several "
+                          "(--model module:factory is built with the first)")
     pre.add_argument("--checkpoint", choices=("best", "latest"), default="best", help="which checkpoint of a run")
     pre.add_argument("--model", dest="model_name", help="registry name (or module:factory) to rebuild weights into")
     pre.add_argument("--trust", action="store_true", help=TRUST_HELP)

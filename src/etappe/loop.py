@@ -492,8 +492,7 @@ class Trainer:
                     if stop:
                         bar.close()
                         path = self.save(wait=True)
-                        raise Preempted(f"{preempt['signal'] or 'a signal on another rank'} received: saved step "
-                                        f"{p.step} to {path}; resume with: etappe resume {self.run_dir}")
+                        raise Preempted(self._stopped(preempt["signal"] or "a signal on another rank", path))
                     if due:
                         self.save()
                         last_save = time.monotonic()
@@ -512,6 +511,22 @@ class Trainer:
             log.write_history(self.run_dir, self.history)
             log.plot_curves(self.run_dir, self.history)
         return self.history
+
+    def _stopped(self, signal_name: str, path: Path | None) -> str:
+        """What the run says when a signal stopped it: what was saved, and the one way to resume it that works."""
+        p, run = self.progress, self.run_dir
+        if run is None:
+            return (f"{signal_name} received: stopped at step {p.step} (epoch {p.epoch + 1}); nothing was saved, as "
+                    "this Trainer has no run_dir: give it run_dir= to checkpoint, resume and stop safely")
+        said = f"{signal_name} received: saved step {p.step} to {path or run / 'checkpoints'}"  # rank 0 knows the path
+        if (run / "config.json").is_file():  # what etappe resume reads: the CLI can rebuild it
+            from etappe.models import MODELS
+
+            model = self.config.get("model")  # a module:factory read from the file needs naming (or --trust)
+            named = f" --model {model}" if isinstance(model, str) and model not in MODELS else ""
+            return f"{said}; resume with: etappe resume {run}{named}"
+        return (f"{said}; resume in Python: call the same etappe.fit(..., run_dir={str(run)!r}) (or Trainer.fit) "
+                f"again; evaluate with: etappe eval {run} --model module:factory --input-shape C,H,W --data NAME")
 
     @contextmanager
     def _writing(self) -> Iterator[Any]:
@@ -986,6 +1001,133 @@ class _SeededBatches(torch.utils.data.Dataset):
         return self.dataset[item[1]]
 
 
-def fit(model: nn.Module, train_data: Any, *, epochs: int, **kwargs: Any) -> History:
-    """Train ``model`` on ``train_data`` for ``epochs`` epochs; keyword arguments as for ``Trainer``."""
-    return Trainer(model, train_data=train_data, **kwargs).fit(epochs)
+def fit(model: nn.Module, train_data: Any, *, epochs: int, model_name: str | None = None,
+        model_kwargs: Mapping[str, Any] | None = None, **kwargs: Any) -> History:
+    """Train ``model`` on ``train_data`` for ``epochs`` epochs; keyword arguments as for ``Trainer``.
+
+    ``train_data`` may be a whole data set of ``etappe.data.load_dataset``: then its train split is trained on and
+    its test split validates (unless ``val_data`` is given). With a ``run_dir``, the run is then also one the
+    command line can use (``etappe eval``, ``export``, ``resume RUN``): fit writes its ``config.json`` when the CLI
+    rebuilds the same run from it: the model is one of ``etappe.models`` (recognised by its layers) or the
+    ``module:factory`` named by ``model_name`` (called with ``model_kwargs``), the optimizer SGD, Adam or AdamW over
+    one param group, the loss and scheduler ones the CLI names, and the data the named set's train split. A run
+    the CLI cannot rebuild is resumed by calling fit again with the same ``run_dir``; etappe says so when stopped.
+    """
+    from etappe.data.sets import Dataset
+
+    data = train_data if isinstance(train_data, Dataset) else None
+    if data is not None:
+        kwargs.setdefault("val_data", data.test)
+        train_data = data.train
+    trainer = Trainer(model, train_data=train_data, **kwargs)
+    config = _cli_config(trainer, data, model_name, model_kwargs, epochs)
+    if config is None:
+        return trainer.fit(epochs)
+    trainer._given_config = config  # what the checkpoints hold and a resume compares, as in a CLI-made run
+    trainer.resume(epochs=epochs)  # refuses another run's checkpoints before config.json is written
+    if trainer.main:
+        import json
+
+        from etappe.checkpoint.fsio import atomic_write_bytes
+
+        atomic_write_bytes(trainer.run_dir / "config.json", (json.dumps(config, indent=2) + "\n").encode())
+    return trainer.fit(epochs)
+
+
+def _cli_config(trainer: Trainer, data: Any, model_name: str | None, model_kwargs: Mapping[str, Any] | None,
+                epochs: int) -> dict[str, Any] | None:
+    """The config.json of ``etappe train`` that rebuilds ``trainer``'s run, or None when the CLI cannot (then the
+    run keeps the config a Trainer derives from its objects). A ``model_name`` that builds another model than
+    the one given is refused."""
+    from etappe.build import LOSSES, build_model
+    from etappe.config import CONFIG_VERSION, TrainConfig
+    from etappe.models import MODELS
+
+    if model_kwargs and model_name is None:
+        raise UsageError("model_kwargs are the keyword arguments of model_name's factory: give model_name too")
+    if trainer.run_dir is None or data is None:
+        return None
+    if (trainer.run_dir / "checkpoints").is_dir() and not (trainer.run_dir / "config.json").is_file():
+        return None  # a run fit made before it wrote config.json: its checkpoints hold the derived config
+    (model,) = trainer.models.values() if len(trainer.models) == 1 else (None,)
+    optimizer = trainer.optimizers.get("optimizer")
+    optimizers = {torch.optim.SGD: "sgd", torch.optim.Adam: "adam", torch.optim.AdamW: "adamw"}
+    scheduler = trainer.schedulers.get("scheduler")
+    schedulers = {type(None): "none", torch.optim.lr_scheduler.StepLR: "step",
+                  torch.optim.lr_scheduler.ExponentialLR: "exponential"}
+    loss = next((name for name, cls in LOSSES.items() if type(trainer.loss_fn) is cls), None)
+    if (model is None or trainer.step_fn is not None or trainer.metrics_fn is not None or not trainer.loop.shuffle
+            or type(optimizer) not in optimizers or len(optimizer.param_groups) != 1 or loss is None
+            or set(trainer.schedulers) - {"scheduler"} or type(scheduler) not in schedulers
+            or trainer.val_data is not data.test or not _default_like(trainer.loss_fn)
+            or not _rebuilt_alike(data, trainer.loop.seed)):
+        return None
+    spec, kwargs = data.spec, dict(model_kwargs or {})
+    with torch.random.fork_rng(devices=[]):  # building draws initial weights: the run's own draws stay as they were
+        if model_name is not None:
+            rebuilt = build_model(model_name, spec.input_shape, spec.num_outputs, kwargs)
+            if not _same_layers(rebuilt, unwrap(model)):
+                raise UsageError(f"model_name={model_name!r} (with model_kwargs {kwargs}) builds {type(rebuilt).__name__} "
+                                 f"with other layers than the model given ({type(unwrap(model)).__name__}); name the "
+                                 "factory that made it, with its arguments")
+        else:
+            model_name = next((name for name in MODELS if _builds(name, spec, unwrap(model))), None)
+            if model_name is None:
+                return None
+    group = optimizer.param_groups[0]
+    convolutions = [p for p in model.parameters() if p.dim() == 4]
+    values = {
+        **{f.name: getattr(options, f.name) for options in (trainer.loop, trainer.saving, trainer.show)
+           for f in dataclasses.fields(options) if f.name in {g.name for g in dataclasses.fields(TrainConfig)}},
+        "data": spec.name, "model": model_name, "model_kwargs": kwargs, "epochs": epochs,
+        "run_dir": str(trainer.run_dir), "optimizer": optimizers[type(optimizer)],
+        "lr": group.get("initial_lr", group["lr"]), "weight_decay": group["weight_decay"],
+        "momentum": group.get("momentum", 0.0) if type(optimizer) is torch.optim.SGD else 0.0,
+        "loss": loss, "scheduler": schedulers[type(scheduler)],
+        "channels_last": bool(convolutions) and all(p.is_contiguous(memory_format=torch.channels_last)
+                                                     and not p.is_contiguous() for p in convolutions),
+    }
+    if isinstance(scheduler, torch.optim.lr_scheduler.StepLR):
+        values.update(step_size=scheduler.step_size, gamma=scheduler.gamma)
+    elif isinstance(scheduler, torch.optim.lr_scheduler.ExponentialLR):
+        values["gamma"] = scheduler.gamma
+    try:
+        config = TrainConfig.from_dict(values)
+    except EtappeError:  # a value the CLI's flags cannot hold
+        return None
+    return {**config.to_dict(), "data_spec": spec.to_dict(), "config_version": CONFIG_VERSION}
+
+
+def _rebuilt_alike(data: Any, seed: int) -> bool:
+    """Whether the CLI, loading the data set by its name with the run's seed, gets the same train split (the
+    synthetic sets follow the seed; a set read from another folder than the CLI looks in is not found)."""
+    from etappe.data import load_dataset
+
+    try:
+        again = load_dataset(data.spec.name, seed=seed, allow_download=False)
+    except EtappeError:
+        return False
+    return describe_data(again.train) == describe_data(data.train)
+
+
+def _builds(name: str, spec: Any, model: nn.Module) -> bool:
+    """Whether built-in model ``name``, with its default arguments, has the layers of ``model``."""
+    from etappe.models import build
+
+    try:
+        return _same_layers(build(name, tuple(spec.input_shape), spec.num_outputs), model)
+    except EtappeError:  # not sized for this data (a CNN for flat features)
+        return False
+
+
+def _same_layers(a: nn.Module, b: nn.Module) -> bool:
+    """The same modules (their reprs name each layer and its sizes) and the same tensors' names and shapes."""
+    shapes = [{k: tuple(v.shape) for k, v in m.state_dict().items()} for m in (a, b)]
+    return type(a) is type(b) and repr(a) == repr(b) and shapes[0] == shapes[1]
+
+
+def _default_like(loss: Any) -> bool:
+    """A loss module with its default settings (the CLI makes it with none)."""
+    settings = [{k: v for k, v in vars(m).items() if not k.startswith("_") and k != "training"}
+                for m in (loss, type(loss)())]
+    return settings[0] == settings[1]

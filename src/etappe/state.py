@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from etappe.errors import UsageError
+
 
 @dataclass
 class Progress:
@@ -82,9 +84,19 @@ class History:
         self.epochs = [dict(row) for row in state["epochs"]]
 
 
-class RNGState:
-    """Every random generator a run draws from: Python's, NumPy's global one, torch's CPU one and each CUDA
-    device's. ``state_dict`` captures them now; ``load_state_dict`` puts them back."""
+class RandomState:
+    """Every random generator a run draws from: Python's, NumPy's global one, torch's CPU one, each CUDA device's
+    (once CUDA is initialised), and the generators you pass: ``torch.Generator``, ``numpy.random.Generator`` or
+    ``random.Random`` objects, restored in the order given. ``state_dict`` captures them at the moment it is
+    called (``etappe.save(..., rng=RandomState())``); ``load_state_dict`` puts them back: load it after
+    everything else, just before training goes on."""
+
+    def __init__(self, *generators: "torch.Generator | np.random.Generator | random.Random") -> None:
+        for g in generators:
+            if not isinstance(g, (torch.Generator, np.random.Generator, random.Random)):
+                raise UsageError(f"RandomState takes torch.Generator, numpy.random.Generator or random.Random "
+                                 f"objects; got a {type(g).__name__}")
+        self.generators = generators
 
     def state_dict(self) -> dict:
         version, internal, gauss = random.getstate()
@@ -102,9 +114,15 @@ class RNGState:
         }
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             state["cuda"] = torch.cuda.get_rng_state_all()
+        if self.generators:
+            state["generators"] = [_generator_state(g) for g in self.generators]
         return state
 
     def load_state_dict(self, state: dict) -> None:
+        saved = state.get("generators", [])
+        if len(saved) != len(self.generators):
+            raise UsageError(f"the saved random state holds {len(saved)} generator(s) of your own; this RandomState "
+                             f"was given {len(self.generators)}: pass the same generators, in the same order")
         py = state["python"]
         random.setstate((py["version"], tuple(py["internal"]), py["gauss"]))
         npd = state["numpy"]
@@ -114,6 +132,33 @@ class RNGState:
         if "cuda" in state and torch.cuda.is_available():
             cuda_states = list(state["cuda"])[: torch.cuda.device_count()]
             torch.cuda.set_rng_state_all(cuda_states)
+        for g, s in zip(self.generators, saved):
+            _set_generator_state(g, s)
+
+
+RNGState = RandomState  # its name inside etappe's loop
+
+
+def _generator_state(g: "torch.Generator | np.random.Generator | random.Random") -> dict:
+    if isinstance(g, torch.Generator):
+        return {"kind": "torch", "device": str(g.device), "state": g.get_state()}
+    if isinstance(g, np.random.Generator):
+        return {"kind": "numpy", "state": g.bit_generator.state}  # PCG64's are 128-bit ints: JSON keeps them exact
+    version, internal, gauss = g.getstate()
+    return {"kind": "python", "version": version, "internal": list(internal), "gauss": gauss}
+
+
+def _set_generator_state(g: "torch.Generator | np.random.Generator | random.Random", saved: dict) -> None:
+    kind = {torch.Generator: "torch", np.random.Generator: "numpy"}.get(type(g), "python")
+    if saved.get("kind") != kind:
+        raise UsageError(f"the saved random state holds a {saved.get('kind')} generator where this RandomState has "
+                         f"a {kind} one: pass the same generators, in the same order")
+    if kind == "torch":
+        g.set_state(saved["state"])
+    elif kind == "numpy":
+        g.bit_generator.state = saved["state"]
+    else:
+        g.setstate((saved["version"], tuple(saved["internal"]), saved["gauss"]))
 
 
 class PerRank:

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from etappe.checkpoint import codec, fsio, kinds, manifest, sharded, tensorfile, tied, torchsave
+from etappe.checkpoint import codec, fsio, hf, kinds, manifest, sharded, tensorfile, tied, torchsave
 from etappe.checkpoint.errors import CheckpointError, NewerFormatError
 from etappe.errors import UsageError
 
@@ -37,30 +37,47 @@ def save(path: str | os.PathLike, /, **objects: Any) -> Path:
     return write(Path(path), objects)
 
 
-def load(path: str | os.PathLike, /, *, trusted: bool = False, **objects: Any) -> dict[str, Any]:
+def load(path: str | os.PathLike, /, *, trusted: bool = False, strict: bool = True, **objects: Any) -> kinds.Loaded:
     """Verify checkpoint ``path``, restore the named ``objects`` in place, and return everything else it holds.
 
-    ``path`` is an etappe checkpoint folder, or a plain ``torch.save`` file (.pt/.pth/.tar) or a .safetensors
-    file. Objects are restored with ``load_state_dict`` in the order given, and only after every file has been
-    verified. The result maps each entry not restored to its value (plain values as saved; Stateful entries as
-    their state_dict); its tensors view the checkpoint's files copy-on-write, as ``safetensors.load_file``'s do.
-    ``trusted=True`` allows fully unpickling a torch.save file, which can run code from it.
+    ``path`` is an etappe checkpoint folder, a plain ``torch.save`` file (.pt/.pth/.tar), a .safetensors file, or
+    a Hugging Face style folder (``model.safetensors`` or shards with ``model.safetensors.index.json``; restore
+    its one model by any name). Objects are restored with ``load_state_dict`` in the order given, and only after
+    every file has been verified. A model takes names saved with a wrapper's prefix (``module.``,
+    ``_orig_mod.``) or any other consistent prefix more or less (``kinds.renaming``, said in a
+    CheckpointWarning), and a tied weight the file stored once. ``strict=False`` loads into a model what fits
+    (names and shapes) and leaves the rest; strict loads refuse any difference, listing it, before anything is
+    loaded. The result maps each entry not restored to its value (plain values as saved; Stateful entries as
+    their state_dict), and its ``reports`` each model restored to a ``kinds.LoadReport`` (missing, unexpected and
+    mismatched names); its tensors view the checkpoint's files copy-on-write, as ``safetensors.load_file``'s do.
+    ``trusted=True`` allows fully unpickling a torch.save file, which can run code from it. ``strict`` and
+    ``trusted`` are load's own: an entry of either name comes back in the result, not restored by name.
     """
+    if not isinstance(strict, bool):
+        raise UsageError(f"strict: expected True or False, got a {type(strict).__name__}; strict is load()'s own "
+                         "option, so an entry named 'strict' is not restored by name: take it from the result, "
+                         "obj.load_state_dict(etappe.load(path)['strict'])")
     path = Path(path)
     if path.is_file():
-        return torchsave.load(path, objects, trusted=trusted)
-    return restore(path, read(path), objects)
+        return torchsave.load(path, objects, trusted=trusted, strict=strict)
+    if hf.is_folder(path):
+        return hf.load(path, objects, strict=strict)
+    return restore(path, read(path), objects, strict=strict)
 
 
 def verify(path: str | os.PathLike, *, step: int | None = None) -> None:
     """Check every file of checkpoint ``path`` against its manifest, and that its state and tensor headers parse;
     raise CheckpointError naming the bad file. ``step``: the manifest must say this step (``manifest.read``).
 
-    A plain torch.save file is checked against the CRC-32s its zip archive holds.
+    A plain torch.save file is checked against the CRC-32s its zip archive holds; a Hugging Face style folder,
+    which has no checksums, by its index and each file's safetensors header and size (``hf.verify``).
     """
     path = Path(path)
     if path.is_file():
         return torchsave.verify(path)
+    if hf.is_folder(path):
+        hf.verify(path)
+        return None
     read(path, step=step)  # the pass over every byte that the checksums need, and the parse a load would do
 
 
@@ -152,8 +169,10 @@ def state_entries(state_file: Path, blob, files: Mapping[str, Any]) -> dict[str,
     return entries
 
 
-def restore(path: Path, entries: Mapping[str, Any], objects: Mapping[str, Any]) -> dict[str, Any]:
-    """Load entries into ``objects`` by name; return the entries not restored."""
+def restore(path: Path, entries: Mapping[str, Any], objects: Mapping[str, Any], *,
+            strict: bool = True) -> kinds.Loaded:
+    """Load entries into ``objects`` by name; return the entries not restored, with each model's LoadReport.
+    ``strict=False``: a (whole, not sharded) model takes what fits (``kinds.load_into``)."""
     for name, obj in objects.items():
         if name not in entries:
             raise CheckpointError(f"{path} has no entry {name!r}; it holds: {', '.join(entries) or 'nothing'}")
@@ -165,15 +184,18 @@ def restore(path: Path, entries: Mapping[str, Any], objects: Mapping[str, Any]) 
     if any(isinstance(entries[name], sharded.Shards) for name in objects):
         sharded.restore(path, entries, objects)
     done = sharded.restore_whole(path, entries, objects) if any(map(sharded.is_sharded, objects.values())) else set()
+    reports = {}
     for name, obj in objects.items():
         state = entries[name]
         if isinstance(state, sharded.Shards) or name in done:
             continue
         if not isinstance(obj, torch.nn.Module):  # a module copies into its parameters; an optimizer keeps the
             state = tied.owned(state)  # tensors it is given, which would pin the checkpoint's file until exit
-        kinds.load_into(obj, state, f"{path} entry {name!r}")
-    return {name: sharded.materialize(value) if isinstance(value, sharded.Shards) else value
-            for name, value in entries.items() if name not in objects}
+        report = kinds.load_into(obj, state, f"{path} entry {name!r}", strict=strict)
+        if report is not None:
+            reports[name] = report
+    return kinds.Loaded({name: sharded.materialize(value) if isinstance(value, sharded.Shards) else value
+                         for name, value in entries.items() if name not in objects}, reports)
 
 
 def encode(objects: Mapping[str, Any]) -> dict[str, tuple[dict, dict[str, torch.Tensor]]]:

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from etappe.checkpoint import codec, folder, kinds, manifest, sharded, tensorfile, tied, torchsave
+from etappe.checkpoint import codec, folder, kinds, manifest, modelfiles, sharded, tensorfile, tied, torchsave
 from etappe.checkpoint.errors import CheckpointError
 
 _BUFFERS = ("running_mean", "running_var", "num_batches_tracked")  # in a module state_dict, not parameters
@@ -32,10 +32,15 @@ _LONG = 16  # lists longer than this (an RNG state's 625 ints) are summarized
 
 def inspect(path: str | os.PathLike, *, trusted: bool = False) -> dict[str, Any]:
     """A JSON-able description of checkpoint ``path`` (an etappe checkpoint folder or a plain file). Anything
-    malformed raises CheckpointError naming the file."""
+    malformed raises CheckpointError naming the file. A TorchScript, .pt2 or ONNX file is described by
+    ``modelfiles.describe`` (inputs, outputs, weights), without running it, ``trusted`` or not."""
     path = Path(path)
     if path.is_file():
         return _inspect_file(path, trusted)
+    from etappe.checkpoint import hf
+
+    if hf.is_folder(path):  # model.safetensors or its shards, and config.json: no manifest
+        return hf.inspect(path)
     body = manifest.read(path)
     state_file = path / body["state"]
     blob = manifest.read_verified(path, body["state"], body["files"][body["state"]])
@@ -89,6 +94,8 @@ def format_inspection(info: Mapping[str, Any]) -> str:
     if "bytes" in info:
         facts.append(_size(info["bytes"]))
     lines = [head + (f" ({', '.join(facts)})" if facts else "")]
+    if info.get("kind") in modelfiles.FORMATS:
+        return "\n".join(lines + modelfiles.format_lines(info))
     if info.get("metrics"):
         lines.append("metrics: " + ", ".join(f"{k}={v}" for k, v in info["metrics"].items()))
     if info.get("training"):
@@ -102,6 +109,9 @@ def format_inspection(info: Mapping[str, Any]) -> str:
 
 
 def _inspect_file(path: Path, trusted: bool) -> dict[str, Any]:
+    found = modelfiles.kind(path)  # TorchScript, .pt2 or ONNX, by content: described as data, never run
+    if found:
+        return modelfiles.describe(path, found)
     # torchsave.read decides what the file is from its content, checks a zip archive's members before reading any,
     # refuses TorchScript unless trusted and .pt2 programs always, and checks sparse tensors
     content = torchsave.read(path, trusted=trusted)

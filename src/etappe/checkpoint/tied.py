@@ -8,7 +8,10 @@ strides, dtype and device (``key``). Then:
 - inspection counts its parameters and bytes once (``distinct``);
 - a file for other readers (a plain safetensors export, a run's model.safetensors) gives each name a copy of its
   own (``untied``): safetensors refuses tensors that share memory, and its readers expect every name that
-  ``load_state_dict`` wants.
+  ``load_state_dict`` wants;
+- loading into a model that ties two names, a file that stores only one of them (as
+  ``safetensors.torch.save_model`` writes it) fills the other from its tie (``partners``), as
+  ``safetensors.torch.load_model`` does: loading one loads both, they are one memory.
 """
 
 from collections.abc import Iterable, Mapping
@@ -60,3 +63,15 @@ def untied(state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """The tensors of ``state`` (a state_dict), each name with a contiguous copy of its own: what a plain
     safetensors writer takes and what its readers give back under every name."""
     return {k: v.detach().contiguous().clone() for k, v in state.items() if torch.is_tensor(v)}
+
+
+def partners(state: Mapping[str, Any]) -> dict[str, list[str]]:
+    """For each name of ``state`` (a model's own state_dict) whose tensor is tied to others', those other names,
+    in ``state``'s order. Tensors on the meta device have no memory to share and are never tied."""
+    groups: dict[tuple, list[str]] = {}
+    for name, t in state.items():
+        if isinstance(t, torch.Tensor) and t.device.type != "meta":
+            ident = key(t)
+            if ident is not None:
+                groups.setdefault(ident, []).append(name)
+    return {n: [m for m in names if m != n] for names in groups.values() if len(names) > 1 for n in names}

@@ -279,8 +279,9 @@ def entries(obj: Any) -> dict[str, Any]:
     return {"value": obj}
 
 
-def load(path: Path, objects: Mapping[str, Any], *, trusted: bool = False) -> dict[str, Any]:
-    """Restore ``objects`` from a plain file by name (see ``_match``); return the entries not restored."""
+def load(path: Path, objects: Mapping[str, Any], *, trusted: bool = False, strict: bool = True) -> kinds.Loaded:
+    """Restore ``objects`` from a plain file by name (see ``_match``); return the entries not restored, with each
+    model's LoadReport (``kinds.load_into``, which ``strict`` goes to)."""
     found = entries(read(path, trusted=trusted))
     plan = {}
     for name, obj in objects.items():
@@ -293,12 +294,15 @@ def load(path: Path, objects: Mapping[str, Any], *, trusted: bool = False) -> di
         if key is None:
             raise CheckpointError(f"{path} has nothing for {name!r}; it holds: {', '.join(map(str, found))}")
         plan[name] = key
+    reports = {}
     for name, key in plan.items():
         state = found[key]
         if kinds.is_stateful(state):  # a trusted file's whole pickled object
             state = state.state_dict()
-        kinds.load_into(objects[name], state, f"{path} entry {key!r}")
-    return {k: v for k, v in found.items() if k not in plan.values()}
+        report = kinds.load_into(objects[name], state, f"{path} entry {key!r}", strict=strict)
+        if report is not None:
+            reports[name] = report
+    return kinds.Loaded({k: v for k, v in found.items() if k not in plan.values()}, reports)
 
 
 def verify(path: Path) -> None:

@@ -32,6 +32,8 @@ class DataSpec:
     num_classes: int | None  # None for regression
     num_outputs: int
     input_scale: float = 1.0  # raw stored value * input_scale = model input
+    # [lo, hi] of the model inputs (after scaling) the set holds: predict warns when an input is far outside it
+    input_range: tuple[float, float] | None = None
 
     def to_dict(self) -> dict:
         return {
@@ -40,11 +42,14 @@ class DataSpec:
             "num_classes": self.num_classes,
             "num_outputs": self.num_outputs,
             "input_scale": self.input_scale,
+            "input_range": list(self.input_range) if self.input_range is not None else None,
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> "DataSpec":
-        return cls(d["name"], tuple(d["input_shape"]), d["num_classes"], d["num_outputs"], d.get("input_scale", 1.0))
+        bounds = d.get("input_range")
+        return cls(d["name"], tuple(d["input_shape"]), d["num_classes"], d["num_outputs"], d.get("input_scale", 1.0),
+                   tuple(bounds) if bounds is not None else None)
 
 
 class TensorData(torch.utils.data.Dataset):
@@ -93,7 +98,8 @@ def linear(seed: int = 0, n: int = 500, noise: float = 0.01) -> Dataset:
     x = torch.rand(n, 1, generator=g)
     y = 0.7 * x + 0.3 + noise * torch.randn(n, 1, generator=g)
     cut = int(0.8 * n)
-    return Dataset(TensorData(x[:cut], y[:cut]), TensorData(x[cut:], y[cut:]), DataSpec("linear", (1,), None, 1))
+    spec = DataSpec("linear", (1,), None, 1, input_range=(0.0, 1.0))
+    return Dataset(TensorData(x[:cut], y[:cut]), TensorData(x[cut:], y[cut:]), spec)
 
 
 def sine(seed: int = 0, n: int = 1000) -> Dataset:
@@ -102,7 +108,8 @@ def sine(seed: int = 0, n: int = 1000) -> Dataset:
     x = torch.rand(n, 1, generator=g) * 4 - 2
     y = torch.sin(x)
     cut = int(0.8 * n)
-    return Dataset(TensorData(x[:cut], y[:cut]), TensorData(x[cut:], y[cut:]), DataSpec("sine", (1,), None, 1))
+    spec = DataSpec("sine", (1,), None, 1, input_range=(-2.0, 2.0))
+    return Dataset(TensorData(x[:cut], y[:cut]), TensorData(x[cut:], y[cut:]), spec)
 
 
 # ---------------------------------------------------------------- real sets
@@ -120,7 +127,7 @@ def digits(seed: int = 0) -> Dataset:
     cut = len(x) - 360
     train, test = order[:cut], order[cut:]
     scale = 1.0 / 16
-    spec = DataSpec("digits", (1, 8, 8), 10, 10, scale)
+    spec = DataSpec("digits", (1, 8, 8), 10, 10, scale, (0.0, 1.0))  # pixels 0..16, / 16
     return Dataset(TensorData(x[train], y[train], scale), TensorData(x[test], y[test], scale), spec)
 
 
@@ -209,6 +216,8 @@ def idx_set(name: str, directory: Path) -> Dataset:
             )
     num_classes = int(max(arrays["train_y"].max(), arrays["test_y"].max())) + 1
     scale = 1.0 / 255 if arrays["train_x"].dtype == np.uint8 else 1.0
+    # 8-bit pixels span [0, 1] after scaling; other IDX types: the values the training images hold
+    bounds = (0.0, 1.0) if scale != 1.0 else (float(arrays["train_x"].min()), float(arrays["train_x"].max()))
 
     def split(key: str) -> TensorData:
         x = torch.from_numpy(arrays[f"{key}_x"].copy()).unsqueeze(1)
@@ -216,7 +225,8 @@ def idx_set(name: str, directory: Path) -> Dataset:
         return TensorData(x, y, scale)
 
     height, width = arrays["train_x"].shape[1:]
-    return Dataset(split("train"), split("test"), DataSpec(name, (1, height, width), num_classes, num_classes, scale))
+    spec = DataSpec(name, (1, height, width), num_classes, num_classes, scale, bounds)
+    return Dataset(split("train"), split("test"), spec)
 
 
 def download(name: str, target: Path) -> None:

@@ -16,7 +16,7 @@ from etappe.checkpoint import kinds, reading
 from etappe.checkpoint.errors import TrustError
 from etappe.config import monitor_mode
 from etappe.errors import EtappeError, UsageError, first_line
-from etappe.export.writers import FORMATS, quiet, require_onnx
+from etappe.export.writers import FORMATS, ONNX_OUTPUT_KIND, quiet, require_onnx
 
 
 def sidecar_path(path: str | Path) -> Path:
@@ -32,7 +32,9 @@ def read_sidecar(path: str | Path) -> dict | None:
 
 
 class OnnxModule(nn.Module):
-    """An ONNX file run by onnxruntime behind the ``nn.Module`` call: tensors in, tensors out, CPU only."""
+    """An ONNX file run by onnxruntime behind the ``nn.Module`` call, CPU only: tensors in (positional ones in the
+    file's input order, keyword ones by input name), every output out: one tensor, a dict by output name when the
+    model exported returned a dict, else a tuple (nested tuples come back flattened)."""
 
     def __init__(self, path: str | Path) -> None:
         super().__init__()
@@ -40,27 +42,49 @@ class OnnxModule(nn.Module):
         import onnxruntime
 
         self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        self.input_name = self.session.get_inputs()[0].name
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.input_name = self.input_names[0] if self.input_names else None
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        meta = self.session.get_modelmeta().custom_metadata_map
+        self.returns_dict = meta.get(ONNX_OUTPUT_KIND) == "dict"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
-        outs = [torch.from_numpy(o) for o in self.session.run(None, {self.input_name: x.detach().cpu().numpy()})]
+    def forward(self, *inputs: torch.Tensor, **named: torch.Tensor) -> Any:
+        if len(inputs) > len(self.input_names):
+            raise UsageError(f"the ONNX model takes {len(self.input_names)} input(s) ({', '.join(self.input_names)}),"
+                             f" got {len(inputs)}")
+        feed = dict(zip(self.input_names, inputs))
+        for name, x in named.items():
+            if name not in self.input_names or name in feed:
+                raise UsageError(f"the ONNX model has no input {name!r} left to give by name; its inputs: "
+                                 f"{', '.join(self.input_names)}")
+            feed[name] = x
+        missing = [n for n in self.input_names if n not in feed]
+        if missing:
+            raise UsageError(f"the ONNX model needs input(s) {', '.join(missing)} too; its inputs: "
+                             f"{', '.join(self.input_names)}")
+        outs = self.session.run(None, {n: x.detach().cpu().numpy() for n, x in feed.items()})
+        outs = [torch.from_numpy(o) for o in outs]
+        if self.returns_dict:
+            return dict(zip(self.output_names, outs))
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     def input_shape(self) -> tuple[int, ...] | None:
+        """One sample's shape of the first input, when the file fixes it."""
         dims = self.session.get_inputs()[0].shape[1:]
         return tuple(dims) if all(isinstance(d, int) for d in dims) else None
 
 
 class ProgramModule(nn.Module):
     """A loaded ``torch.export`` program behind a module that ``eval()`` can be called on (the program's own
-    module refuses it; it is fixed in the mode it was exported from: eval)."""
+    module refuses it; it is fixed in the mode it was exported from: eval). It takes the inputs the model took,
+    by position and by name, and returns what the model returned (a tensor, tuples, a dict)."""
 
     def __init__(self, program: Any) -> None:
         super().__init__()
         object.__setattr__(self, "_run", program.module())  # not a submodule: eval() must not reach it
 
-    def forward(self, x: torch.Tensor) -> Any:
-        return self._run(x)
+    def forward(self, *inputs: Any, **named: Any) -> Any:
+        return self._run(*inputs, **named)
 
 
 def load_model(
@@ -165,13 +189,26 @@ def _read_config(folder: Path) -> dict | None:
                           "restore it from the run's checkpoint or remove it")
 
 
-def _load_state(module: nn.Module, state: Mapping, path: Path, config: dict) -> None:
+def _load_state(module: nn.Module, state: Mapping, path: Path, config: dict,
+                strict: bool = True) -> kinds.LoadReport | None:
+    """Weights into the model built for them, by the rules of every load (``kinds.load_into``: a wrapper's or
+    other consistent prefix taken off or put on, said in a warning; a tied weight stored once). ``strict=False``
+    loads what fits and returns the report of what did not; strict, a difference is one UsageError."""
+    import warnings
+
+    from etappe.checkpoint.errors import CheckpointError, CheckpointWarning
+
     try:
-        module.load_state_dict(kinds.unprefixed(state, module.state_dict().keys()))
-    except (RuntimeError, TypeError, ValueError) as exc:
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        report = kinds.load_into(module, state, str(path), strict=strict,
+                                 advice="load the weights in Python with etappe.load(path, strict=False, model=net) "
+                                        "to take what fits")
+    except CheckpointError as exc:
+        said = str(exc).removeprefix(f"cannot restore {path} into {type(module).__name__}: ")
         raise UsageError(f"{path} does not fit model {config['model']!r} with input shape "
-                         f"{tuple(config['input_shape'])}: {' '.join(lines[:2])}") from None
+                         f"{tuple(config['input_shape'])}: {said}") from None
+    if report is not None and not report.complete:  # non-strict: what was left out is said, in one line
+        warnings.warn(CheckpointWarning(f"{path}: loaded what fits model {config['model']!r}; {report.summary}"))
+    return report
 
 
 _PROGRAMS = {

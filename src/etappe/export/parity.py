@@ -1,4 +1,5 @@
-"""The parity check: load an exported file back, run it on a batch of inputs and compare with the eager model.
+"""The parity check: load an exported file back, run it on a batch of inputs and compare with the eager model:
+every output (flattened in the one order of ``writers.flatten_outputs``), each within ``atol``.
 
 TorchScript, torch.export and ONNX files are loaded in a fresh Python process (``_parity_worker.py``) that cannot
 import etappe or the modules defining the model's classes; ONNX files run there in onnxruntime. State-dict files
@@ -27,39 +28,52 @@ import torch
 from torch import nn
 
 from etappe.errors import UsageError, first_line
-from etappe.export.writers import ExportError
+from etappe.export.writers import ExportError, Inputs, as_inputs, flatten_outputs
 
 FRESH_PROCESS_FORMATS = ("torchscript", "export", "onnx")
 PARITY_BATCH = 16
 _WORKER = Path(__file__).resolve().parent.parent / "_parity_worker.py"
 
 
-def parity_inputs(example: torch.Tensor, inputs: torch.Tensor | None, seed: int) -> tuple[torch.Tensor, str]:
-    """The batch compared, and where it came from: ``inputs`` when given, else ``PARITY_BATCH`` seeded random
-    rows shaped like ``example`` (a batch size other than the example's, so a fixed batch dimension shows)."""
+def parity_inputs(example: Inputs, inputs: Any, seed: int) -> tuple[Inputs, str]:
+    """The batch compared, and where it came from: ``inputs`` when given (shaped as ``example``: the same inputs,
+    each sample shaped alike), else ``PARITY_BATCH`` seeded random rows for every input, shaped like the
+    example's (a batch size other than the example's, so a fixed batch dimension shows)."""
     if inputs is not None:
-        inputs = inputs.detach().cpu()
-        if tuple(inputs.shape[1:]) != tuple(example.shape[1:]):
-            raise UsageError(
-                f"parity inputs shaped {tuple(inputs.shape[1:])} (one sample) do not match the example's "
-                f"{tuple(example.shape[1:])}"
-            )
-        return inputs, "given inputs"
+        given = as_inputs(inputs, "the parity inputs").map(lambda t: t.detach().cpu())
+        if len(given.args) != len(example.args) or list(given.kwargs) != list(example.kwargs):
+            raise UsageError(f"the parity inputs are {_layout(given)}, the example's {_layout(example)}; give the "
+                             "parity batch as the example is given")
+        for i, (g, e) in enumerate(zip(given.tensors, example.tensors)):
+            if tuple(g.shape[1:]) != tuple(e.shape[1:]):
+                which = "" if example.single else f" (input {i})"
+                raise UsageError(f"parity inputs shaped {tuple(g.shape[1:])} (one sample){which} do not match the "
+                                 f"example's {tuple(e.shape[1:])}")
+        return given, "given inputs"
     g = torch.Generator().manual_seed(seed)
-    shape = (PARITY_BATCH if len(example) != PARITY_BATCH else PARITY_BATCH + 1, *example.shape[1:])
-    if example.is_floating_point():
-        return torch.randn(shape, generator=g, dtype=example.dtype), f"seeded random inputs (seed {seed})"
-    low, high = int(example.min()), int(example.max()) + 1
-    return torch.randint(low, high, shape, generator=g, dtype=example.dtype), f"seeded random inputs (seed {seed})"
+    rows = PARITY_BATCH if len(example) != PARITY_BATCH else PARITY_BATCH + 1
+    return example.map(lambda t: _random_like(t, rows, g)), f"seeded random inputs (seed {seed})"
+
+
+def _layout(inputs: Inputs) -> str:
+    keywords = f" and keyword inputs {', '.join(inputs.kwargs)}" if inputs.kwargs else ""
+    return f"{len(inputs.args)} positional input(s){keywords}"
+
+
+def _random_like(t: torch.Tensor, rows: int, g: torch.Generator) -> torch.Tensor:
+    shape = (rows, *t.shape[1:])
+    if t.is_floating_point():
+        return torch.randn(shape, generator=g, dtype=t.dtype)
+    if t.dtype == torch.bool:
+        return torch.randint(0, 2, shape, generator=g).bool()
+    low, high = (int(t.min()), int(t.max()) + 1) if t.numel() else (0, 1)
+    return torch.randint(low, high, shape, generator=g, dtype=t.dtype)
 
 
 def outputs(out: Any, who: str) -> list[torch.Tensor]:
-    """A model's output as a list of tensors; UsageError for anything export cannot compare."""
-    if torch.is_tensor(out):
-        return [out.detach()]
-    if isinstance(out, (tuple, list)) and out and all(torch.is_tensor(o) for o in out):
-        return [o.detach() for o in out]
-    raise UsageError(f"{who} returns {type(out).__name__}; export needs a tensor or a tuple of tensors")
+    """A model's outputs as one flat list of tensors (``writers.flatten_outputs``); UsageError for anything
+    export cannot compare."""
+    return flatten_outputs(out, who)[1]
 
 
 def default_atol(expected: list[torch.Tensor]) -> float:
@@ -67,33 +81,42 @@ def default_atol(expected: list[torch.Tensor]) -> float:
     return max((tolerances.get(t.dtype, 0.0) for t in expected), default=1e-5)
 
 
-def max_abs_diff(expected: list[torch.Tensor], got: list[np.ndarray]) -> float:
-    """The largest difference between two outputs (NaN where both are NaN counts as equal; a shape or count
-    that differs, or a NaN in one only, is infinite)."""
-    if len(expected) != len(got):
+def abs_diff(e: torch.Tensor, g: np.ndarray) -> float:
+    """The largest difference between one output of the model and a file's (NaN where both are NaN counts as
+    equal; a shape that differs, or a NaN in one only, is infinite)."""
+    e = e.numpy()
+    if e.shape != g.shape:
         return math.inf
-    worst = 0.0
-    for e, g in zip(expected, got):
-        e = e.numpy()
-        if e.shape != g.shape:
-            return math.inf
-        if e.size:
-            d = np.abs(e.astype(np.float64) - g.astype(np.float64))
-            worst = max(worst, float(np.max(np.where(np.isnan(e) & np.isnan(g), 0.0, d))))
+    if not e.size:
+        return 0.0
+    d = np.abs(e.astype(np.float64) - g.astype(np.float64))
+    worst = float(np.max(np.where(np.isnan(e) & np.isnan(g), 0.0, d)))
     return worst if not math.isnan(worst) else math.inf
 
 
 def verdict(
-    expected: list[torch.Tensor], got: list[np.ndarray] | str, atol: float, on: str
+    expected: list[torch.Tensor], got: list[np.ndarray] | str, atol: float, on: str,
+    names: Sequence[str] | None = None,
 ) -> tuple[float, str | None]:
-    """How far a file's outputs ``got`` (or why it did not load) are from the model's ``expected`` ones on the
-    inputs described by ``on``, and what is wrong with the file, None if nothing: within ``atol`` it passes."""
+    """How far a file's outputs ``got`` (or why it did not load) are from the model's ``expected`` ones (named
+    ``names``) on the inputs described by ``on``, and what is wrong with the file, None if nothing: every output
+    within ``atol`` passes; the message names the output furthest off."""
     if isinstance(got, str):
         return math.inf, f"does not load back ({got})"
-    diff = max_abs_diff(expected, got)
+    names = list(names or [f"output{i}" for i in range(len(expected))])
+    if len(got) != len(expected):
+        return math.inf, (f"does not compute what the model does: it returns {len(got)} outputs, the model "
+                          f"{len(expected)} ({', '.join(names)})")
+    diffs = [abs_diff(e, g) for e, g in zip(expected, got)]
+    worst = max(range(len(diffs)), key=lambda i: diffs[i]) if diffs else 0
+    diff = diffs[worst] if diffs else 0.0
     if diff <= atol:
         return diff, None
-    return diff, f"does not compute what the model does: max abs diff {diff:.3g} > atol {atol:g} on {on}"
+    which = "" if len(expected) == 1 else f"output {names[worst]!r} "
+    if expected[worst].shape != got[worst].shape:
+        return diff, (f"does not compute what the model does: {which}shaped {tuple(got[worst].shape)} where the "
+                      f"model's is {tuple(expected[worst].shape)} on {on}")
+    return diff, f"does not compute what the model does: {which}max abs diff {diff:.3g} > atol {atol:g} on {on}"
 
 
 def class_modules(model: nn.Module) -> list[str]:
@@ -112,22 +135,23 @@ def where_loaded(fmt: str, forbid: Sequence[str]) -> str:
 def run_files(
     model: nn.Module,
     files: list[tuple[str, Path]],
-    inputs: torch.Tensor,
+    inputs: Inputs,
     forbid: list[str],
     process: "FreshProcess | None",
+    input_names: dict[str, list[str]] | None = None,
 ) -> dict[Path, list[np.ndarray] | str]:
-    """Each ``(format, path)`` of ``files`` loaded back and run on ``inputs``: its outputs, or why it does not
-    load. Programs and ONNX files go to ``process`` (a fresh one, see ``checker``), state dicts into a copy of
-    ``model``."""
+    """Each ``(format, path)`` of ``files`` loaded back and run on ``inputs``: its outputs (flattened), or why it
+    does not load. Programs and ONNX files go to ``process`` (a fresh one, see ``checker``), state dicts into a copy
+    of ``model``. ``input_names``: per format, the names its file gives the inputs (ONNX's are fed by name)."""
     fresh = [(fmt, path) for fmt, path in files if fmt in FRESH_PROCESS_FORMATS]
-    results = process.check(fresh, inputs, forbid) if fresh and process else {}
+    results = process.check(fresh, inputs, forbid, input_names or {}) if fresh and process else {}
     for fmt, path in files:
         if fmt not in FRESH_PROCESS_FORMATS:
             results[path] = _reload_state(model, fmt, path, inputs)
     return results
 
 
-def _reload_state(model: nn.Module, fmt: str, path: Path, inputs: torch.Tensor) -> list[np.ndarray] | str:
+def _reload_state(model: nn.Module, fmt: str, path: Path, inputs: Inputs) -> list[np.ndarray] | str:
     """Load the file into a copy of the model whose tensors are all NaN (or -1) first, and run it."""
     try:
         fresh = copy.deepcopy(model)
@@ -144,7 +168,7 @@ def _reload_state(model: nn.Module, fmt: str, path: Path, inputs: torch.Tensor) 
         fresh.load_state_dict(state)
         fresh.eval()
         with torch.no_grad():
-            return [t.numpy() for t in outputs(fresh(inputs), "the reloaded model")]
+            return [t.numpy() for t in outputs(inputs.call(fresh), "the reloaded model")]
     except Exception as exc:
         return f"{type(exc).__name__}: {first_line(exc)}"
 
@@ -171,16 +195,20 @@ class FreshProcess:
         self.lock = threading.Lock()
 
     def check(
-        self, targets: list[tuple[str, Path]], inputs: torch.Tensor, forbid: list[str]
+        self, targets: list[tuple[str, Path]], inputs: Inputs, forbid: list[str],
+        input_names: dict[str, list[str]] | None = None,
     ) -> dict[Path, list[np.ndarray] | str]:
         with self.lock:
             self.checks += 1
             folder = self.tmpdir / f"check{self.checks}"
             folder.mkdir()
-            np.save(folder / "inputs.npy", inputs.numpy())
+            # positional inputs as a0, a1 ..., keyword inputs as k0, k1 ... (their names in the job)
+            np.savez(folder / "inputs.npz", **{f"a{i}": t.numpy() for i, t in enumerate(inputs.args)},
+                     **{f"k{i}": t.numpy() for i, t in enumerate(inputs.kwargs.values())})
             jobs = [
-                {"format": fmt, "file": str(path.resolve()), "inputs": str(folder / "inputs.npy"),
-                 "outputs": str(folder / f"out{i}.npz")}
+                {"format": fmt, "file": str(path.resolve()), "inputs": str(folder / "inputs.npz"),
+                 "args": len(inputs.args), "kwargs": list(inputs.kwargs),
+                 "names": (input_names or {}).get(fmt), "outputs": str(folder / f"out{i}.npz")}
                 for i, (fmt, path) in enumerate(targets)
             ]
             (folder / "jobs.json").write_text(json.dumps({"forbid": forbid, "jobs": jobs}))

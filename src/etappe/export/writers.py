@@ -4,18 +4,25 @@ from format to file suffix.
 A writer only writes: the caller (``etappe.export.export_many``) has put the model in eval mode on CPU, hands it
 a temporary path beside the final one, checks the file's parity and renames it into place. A writer raises
 ExportError when its format cannot capture the model, naming the formats that can.
+
+What a model takes and returns, in the one order every format and the parity check use: ``Inputs`` (positional
+tensors, then keyword tensors, each with the batch dimension first; ``as_inputs`` reads a tensor, a tuple, a dict
+or a tuple and a dict) and ``flatten_outputs`` (a tensor, nested tuples and lists, a dict: depth first, dict
+entries in their order, named by their keys, tuple entries ``output0``, ``output1`` ...).
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib.util
+import inspect
 import io
 import logging
 import re
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -30,7 +37,13 @@ FORMATS: dict[str, str] = {
     "export": ".pt2",
     "onnx": ".onnx",
 }
-STATE_DICT_SUFFIXES = (".pth", ".bin")  # other names a state dict goes by; etappe writes .pt
+# Every name a format goes by, for choosing what to write; .pt, .pth and .bin are also what people call TorchScript
+# files and whole pickled models, so a state dict written to one says so (``ambiguous``).
+SUFFIXES: dict[str, str] = {
+    **{suffix: fmt for fmt, suffix in FORMATS.items()},
+    ".ts": "torchscript", ".torchscript": "torchscript", ".pth": "state-dict", ".bin": "state-dict",
+}
+AMBIGUOUS_SUFFIXES = (".pt", ".pth", ".bin")
 
 
 class ExportError(EtappeError):
@@ -43,25 +56,157 @@ class ExportError(EtappeError):
 
 
 def format_from_suffix(path: str | Path) -> str:
-    """The format a file name asks for: ``m.onnx`` -> 'onnx'. Only for choosing what to write; what a file that
-    exists is, is read from its content (``etappe.export.detect_format``)."""
-    name = Path(path).name
-    for fmt, suffix in sorted(FORMATS.items(), key=lambda item: -len(item[1])):  # .torchscript.pt before .pt
-        if name.endswith(suffix):
+    """The format a file name asks for: ``m.onnx`` -> 'onnx', ``m.ts`` -> 'torchscript', ``m.pt`` -> 'state-dict'.
+    Only for choosing what to write; what a file that exists is, is read from its content
+    (``etappe.export.detect_format``)."""
+    name = Path(path).name.lower()
+    for suffix, fmt in sorted(SUFFIXES.items(), key=lambda item: -len(item[0])):  # .torchscript.pt before .pt
+        if name.endswith(suffix) and len(name) > len(suffix):
             return fmt
-    if name.endswith(STATE_DICT_SUFFIXES):
-        return "state-dict"
     raise UsageError(
-        f"cannot tell the format from the file name {name!r}; name it "
+        f"cannot tell the format from the file name {Path(path).name!r}; name it "
         + ", ".join(f"*{s} ({f})" for f, s in FORMATS.items())
-        + ", or give the format"
+        + " (*.ts is TorchScript too), or give the format"
     )
 
 
-def write(fmt: str, model: nn.Module, example: torch.Tensor, path: Path) -> str:
+def ambiguous(path: str | Path) -> bool:
+    """A name several formats go by (``model.pt``): what it holds is told by its content, and a writer says which."""
+    name = Path(path).name.lower()
+    return name.endswith(AMBIGUOUS_SUFFIXES) and not name.endswith(FORMATS["torchscript"])
+
+
+# ---------------------------------------------------------------- what a model takes and returns
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """A model's inputs for one call: positional tensors, then keyword tensors, each with the batch dimension
+    first and all with the same batch size."""
+
+    args: tuple[torch.Tensor, ...]
+    kwargs: Mapping[str, torch.Tensor]
+
+    @property
+    def tensors(self) -> list[torch.Tensor]:
+        """Every input in the one order: positional, then keyword inputs in their order."""
+        return [*self.args, *self.kwargs.values()]
+
+    @property
+    def single(self) -> bool:
+        """One positional tensor: the tutorials' model, exported as it always was."""
+        return len(self.args) == 1 and not self.kwargs
+
+    def __len__(self) -> int:  # the batch size
+        return len(self.tensors[0])
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "Inputs":
+        return Inputs(tuple(fn(t) for t in self.args), {k: fn(v) for k, v in self.kwargs.items()})
+
+    def call(self, model: Callable) -> Any:
+        return model(*self.args, **self.kwargs)
+
+
+_INPUT_KINDS = "a tensor, a tuple of tensors, a dict of name -> tensor, or a tuple and a dict"
+
+
+def as_inputs(example: Any, what: str = "the example input") -> Inputs:
+    """``example`` as Inputs: a tensor, a tuple (or list) of tensors, a dict of name -> tensor (keyword inputs), or
+    a tuple whose last item is that dict (``(x1, x2, {"mask": m})``, ``((x1, x2), {"mask": m})``). UsageError for
+    anything else, a tensor without a batch dimension, or batch sizes that differ."""
+    if torch.is_tensor(example):
+        args, kwargs = (example,), {}
+    elif isinstance(example, Mapping):
+        args, kwargs = (), example
+    elif isinstance(example, (tuple, list)):
+        items = list(example)
+        kwargs = items.pop() if items and isinstance(items[-1], Mapping) else {}
+        if len(items) == 1 and isinstance(items[0], (tuple, list)):
+            items = list(items[0])
+        args = tuple(items)
+    else:
+        raise UsageError(f"{what} must be {_INPUT_KINDS} (one batch each), got {type(example).__name__}")
+    bad = next((f"input {i}" for i, t in enumerate(args) if not torch.is_tensor(t)), None)
+    bad = bad or next((f"input {k!r}" for k, t in kwargs.items() if not isinstance(k, str) or not torch.is_tensor(t)),
+                      None)
+    if bad:
+        raise UsageError(f"{what} must be {_INPUT_KINDS} (one batch each); its {bad} is not a tensor with a name")
+    inputs = Inputs(tuple(args), dict(kwargs))
+    if not inputs.tensors:
+        raise UsageError(f"{what} holds no tensor; give one batch of each input the model takes")
+    names = [f"input {i}" for i in range(len(args))] + [f"input {k!r}" for k in kwargs]
+    for name, t in zip(names, inputs.tensors):
+        if t.ndim == 0:
+            raise UsageError(f"{what} must have a batch dimension, got a scalar" + ("" if inputs.single else
+                             f" for {name}"))
+    sizes = {name: len(t) for name, t in zip(names, inputs.tensors)}
+    if len(set(sizes.values())) > 1:
+        raise UsageError(f"{what}: every input needs the same batch size (the first dimension), got "
+                         + ", ".join(f"{n} {b}" for n, b in sizes.items()))
+    return inputs
+
+
+def input_names(model: nn.Module, inputs: Inputs) -> list[str]:
+    """The names of ``inputs`` in their order: the forward's parameter names for positional inputs (``input0`` ...
+    where it takes ``*args``), the keys for keyword inputs."""
+    try:
+        params = [p for p in inspect.signature(model.forward).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):  # a forward without a signature Python can read
+        params = []
+    names = [params[i].name if i < len(params) else f"input{i}" for i in range(len(inputs.args))]
+    return names + list(inputs.kwargs)
+
+
+def flatten_outputs(out: Any, who: str) -> tuple[list[str], list[torch.Tensor], str]:
+    """A model's output as (names, tensors, kind): a tensor ('output', kind 'tensor'); tuples and lists, nested too,
+    depth first (``output0``, ``output1.0`` ..., kind 'tuple'); a dict in its order, named by its keys (nested:
+    ``key.0``, ``key.sub``; kind 'dict'). UsageError for anything else."""
+    names: list[str] = []
+    tensors: list[torch.Tensor] = []
+
+    def walk(value: Any, name: str) -> None:
+        if torch.is_tensor(value):
+            names.append(name)
+            tensors.append(value.detach())
+        elif isinstance(value, (tuple, list)) and value:
+            for i, v in enumerate(value):
+                walk(v, f"{name}.{i}" if name else f"output{i}")
+        elif isinstance(value, Mapping) and value and all(isinstance(k, str) for k in value):
+            for k, v in value.items():
+                walk(v, f"{name}.{k}" if name else k)
+        else:
+            where = f" at output {name!r}" if name else ""
+            raise UsageError(f"{who} returns {type(value).__name__}{where}; export needs a tensor, tuples or lists "
+                             "of tensors, or a dict of name -> tensor")
+
+    if torch.is_tensor(out):
+        return ["output"], [out.detach()], "tensor"
+    walk(out, "")
+    return names, tensors, "dict" if isinstance(out, Mapping) else "tuple"
+
+
+@dataclass(frozen=True)
+class Signature:
+    """What an export records of a model's inputs and outputs: their names in the one order, and the output's
+    kind ('tensor', 'tuple', 'dict'), which ONNX files keep in their metadata so a reader returns a dict again."""
+
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+    output_kind: str
+
+    def file_input_names(self, fmt: str, inputs: Inputs) -> list[str]:
+        """The input names ``fmt``'s file uses: ONNX takes one input as 'input' (as etappe always named it)."""
+        return ["input"] if fmt == "onnx" and inputs.single else list(self.input_names)
+
+
+ONNX_OUTPUT_KIND = "etappe.outputs"  # the ONNX metadata key: 'dict' when the model returned a dict
+
+
+def write(fmt: str, model: nn.Module, example: Inputs, path: Path, signature: Signature) -> str:
     """Write ``model`` (in eval mode, on CPU) to ``path`` in format ``fmt``; returns how it was captured:
     state_dict, trace, script, torch.export or torch.onnx."""
-    return _WRITERS[fmt](model, example, path)
+    return _WRITERS[fmt](model, example, path, signature)
 
 
 # torch.save, torch.jit.save and torch.export.save write to an open file here, not to a name: given a name, the
@@ -69,13 +214,13 @@ def write(fmt: str, model: nn.Module, example: torch.Tensor, path: Path) -> str:
 # about a name not ending in .pt2.
 
 
-def write_state_dict(model: nn.Module, example: torch.Tensor, path: Path) -> str:
+def write_state_dict(model: nn.Module, example: Inputs, path: Path, signature: Signature) -> str:
     with open(path, "wb") as f:
         torch.save(model.state_dict(), f)
     return "state_dict"
 
 
-def write_safetensors(model: nn.Module, example: torch.Tensor, path: Path) -> str:
+def write_safetensors(model: nn.Module, example: Inputs, path: Path, signature: Signature) -> str:
     from safetensors.torch import save_file
 
     # A copy per name: safetensors refuses tensors that share memory (tied weights), and load_file then
@@ -85,48 +230,51 @@ def write_safetensors(model: nn.Module, example: torch.Tensor, path: Path) -> st
     return "state_dict"
 
 
-def write_torchscript(model: nn.Module, example: torch.Tensor, path: Path) -> str:
+def write_torchscript(model: nn.Module, example: Inputs, path: Path, signature: Signature) -> str:
     try:
-        module, method = _capture_torchscript(model, example)
+        module, method = _capture_torchscript(model, example, signature.output_kind)
     except ExportError as exc:
-        raise ExportError(f"{exc}; {_what_works(model, example, 'torchscript')}") from None
+        raise ExportError(f"{exc}; {_what_works(model, example, 'torchscript', signature.output_kind)}") from None
     with open(path, "wb") as f:
         torch.jit.save(module, f)
     return method
 
 
-def write_program(model: nn.Module, example: torch.Tensor, path: Path) -> str:
+def write_program(model: nn.Module, example: Inputs, path: Path, signature: Signature) -> str:
     try:
         program = _capture_program(model, example)
     except Exception as exc:
-        raise _cannot("export", exc, model, example) from None
+        raise _cannot("export", exc, model, example, signature.output_kind) from None
     with open(path, "wb") as f:
         torch.export.save(program, f)
     return "torch.export"
 
 
-def write_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> str:
+def write_onnx(model: nn.Module, example: Inputs, path: Path, signature: Signature) -> str:
     require_onnx("format 'onnx'")
     import torch.onnx  # noqa: F401  (imported before quiet() so its loggers exist and are silenced)
 
     try:
         with quiet():
-            torch.onnx.export(
+            program = torch.onnx.export(
                 model,
-                (example,),
-                str(path),
+                example.args,
+                kwargs=dict(example.kwargs) or None,
                 dynamo=True,
-                dynamic_shapes=({0: torch.export.Dim("batch")},),
-                input_names=["input"],
-                external_data=False,
+                dynamic_shapes=_dynamic_batch(model, example),
+                input_names=signature.file_input_names("onnx", example),
+                output_names=list(signature.output_names),
                 verbose=False,
             )
+            if signature.output_kind == "dict":
+                program.model.metadata_props[ONNX_OUTPUT_KIND] = "dict"
+            program.save(str(path), external_data=False)
     except Exception as exc:
-        raise _cannot("onnx", exc, model, example) from None
+        raise _cannot("onnx", exc, model, example, signature.output_kind) from None
     return "torch.onnx"
 
 
-_WRITERS: dict[str, Callable[[nn.Module, torch.Tensor, Path], str]] = {
+_WRITERS: dict[str, Callable[[nn.Module, Inputs, Path, Signature], str]] = {
     "state-dict": write_state_dict,
     "safetensors": write_safetensors,
     "torchscript": write_torchscript,
@@ -159,10 +307,16 @@ def quiet() -> Iterator[list]:
 # ---------------------------------------------------------------- graph capture, and why it fails
 
 
-def _capture_torchscript(model: nn.Module, example: torch.Tensor) -> tuple[Any, str]:
+def _capture_torchscript(model: nn.Module, example: Inputs, output_kind: str = "tensor") -> tuple[Any, str]:
+    # strict=False lets the tracer record a list or dict output (TorchScript's dicts hold one value type)
+    strict = output_kind == "tensor"
     with quiet() as caught:
         try:
-            module = torch.jit.trace(model, example, check_trace=False)
+            if example.kwargs:  # the tracer takes keyword inputs only all by name, none by position
+                module = torch.jit.trace(model, example_kwarg_inputs=_by_name(model, example), check_trace=False,
+                                         strict=strict)
+            else:
+                module = torch.jit.trace(model, example.args, check_trace=False, strict=strict)
             problem = next((_warning_text(w) for w in caught if issubclass(w.category, torch.jit.TracerWarning)), None)
         except Exception as exc:  # anything tracing cannot follow; scripting may still capture it
             module, problem = None, first_line(exc)
@@ -177,12 +331,43 @@ def _capture_torchscript(model: nn.Module, example: torch.Tensor) -> tuple[Any, 
             ) from None
 
 
-def _capture_program(model: nn.Module, example: torch.Tensor) -> Any:
+def _by_name(model: nn.Module, example: Inputs) -> dict[str, torch.Tensor]:
+    """Every input by its parameter name, for a tracer that takes keyword inputs only that way."""
+    try:
+        bound = inspect.signature(model.forward).bind(*example.args, **example.kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ExportError(f"the inputs do not fit the model's forward: {exc}") from None
+    if any(not torch.is_tensor(v) for v in bound.arguments.values()):  # *args or **kwargs
+        raise ExportError("format 'torchscript' traces keyword inputs by parameter name, and this forward takes "
+                          "*args or **kwargs; give every input by position, or name the parameters")
+    return dict(bound.arguments)
+
+
+def _dynamic_batch(model: nn.Module, example: Inputs) -> tuple | dict:
+    """torch.export's dynamic_shapes: one batch dimension, shared by every input. By position when the inputs
+    are all positional (as etappe always passed them), else by the forward's parameter names."""
+    batch = torch.export.Dim("batch")
+    if not example.kwargs:
+        return tuple({0: batch} for _ in example.args)
+    bound = inspect.signature(model.forward).bind(*example.args, **example.kwargs)
+
+    def spec(value: Any) -> Any:
+        if torch.is_tensor(value):
+            return {0: batch}
+        if isinstance(value, Mapping):  # **kwargs
+            return {k: spec(v) for k, v in value.items()}
+        return tuple(spec(v) for v in value)  # *args
+
+    return {name: spec(value) for name, value in bound.arguments.items()}
+
+
+def _capture_program(model: nn.Module, example: Inputs) -> Any:
     with quiet():
-        return torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+        return torch.export.export(model, example.args, kwargs=dict(example.kwargs) or None,
+                                   dynamic_shapes=_dynamic_batch(model, example))
 
 
-def _cannot(fmt: str, exc: BaseException, model: nn.Module, example: torch.Tensor) -> ExportError:
+def _cannot(fmt: str, exc: BaseException, model: nn.Module, example: Inputs, output_kind: str) -> ExportError:
     """The one-line error of a model a format cannot capture; a Ctrl-C or a file-system error that torch's exporter
     wrapped is raised as itself: neither says anything of the model."""
     e: BaseException | None = exc
@@ -192,7 +377,8 @@ def _cannot(fmt: str, exc: BaseException, model: nn.Module, example: torch.Tenso
         if isinstance(e, KeyboardInterrupt) or (isinstance(e, OSError) and e.errno is not None):
             raise e  # (an OSError without errno is inspect's "could not get source code": scripting's failure)
         e = e.__cause__ or e.__context__
-    return ExportError(f"format {fmt!r} cannot capture this model: {_reason(exc)}; {_what_works(model, example, fmt)}")
+    return ExportError(f"format {fmt!r} cannot capture this model: {_reason(exc)}; "
+                       f"{_what_works(model, example, fmt, output_kind)}")
 
 
 def _reason(exc: BaseException) -> str:
@@ -213,7 +399,7 @@ def _reason(exc: BaseException) -> str:
     return f"{type(root).__name__}: {first_line(root)}"
 
 
-def _what_works(model: nn.Module, example: torch.Tensor, failed: str) -> str:
+def _what_works(model: nn.Module, example: Inputs, failed: str, output_kind: str) -> str:
     """Try the other graph captures in memory, so the advice names formats that do work for this model."""
     works = []
     if failed != "export":
@@ -224,7 +410,7 @@ def _what_works(model: nn.Module, example: torch.Tensor, failed: str) -> str:
             pass
     if failed != "torchscript":
         try:
-            works.append(f"torchscript ({_capture_torchscript(model, example)[1]})")
+            works.append(f"torchscript ({_capture_torchscript(model, example, output_kind)[1]})")
         except Exception:
             pass
     return f"formats that capture it: {', '.join(works + ['state-dict', 'safetensors'])}"
