@@ -195,6 +195,37 @@ def test_load_model_takes_prefixed_weights_for_eval_and_export(tmp_path):
     assert torch.equal(model(x), cnn(x))
 
 
+
+def test_the_cli_loads_head_weights_only_with_non_strict_and_lists_what_it_left_out(tmp_path, capsys):
+    """eval, export and predict take --non-strict: the weights that fit go in (here the head of the MLP), the rest
+    stays as the model was built, and one warning names exactly the keys left out; without it, one error line
+    with the hint."""
+    import numpy as np
+
+    from etappe.models import build
+
+    torch.manual_seed(3)
+    full = build("mlp", (1, 8, 8), 10)
+    head = {k: v for k, v in full.state_dict().items() if k.startswith("5.")}
+    torch.save(head, tmp_path / "head.pt")
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).random((3, 1, 8, 8), dtype=np.float32))
+    argv = ["predict", str(tmp_path / "head.pt"), str(tmp_path / "x.npy"), "--model", "mlp", "--input-shape", "1,8,8",
+            "--json"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--non-strict" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert main([*argv, "--non-strict"]) == 0
+    out, err = capsys.readouterr()
+    assert len(json.loads(out)) == 3
+    said = [line for line in err.splitlines() if "loaded what fits" in line]
+    assert len(said) == 1 and said[0].endswith("missing 1.* (2 keys), 3.* (2 keys)"), err
+    from etappe.export import load_model
+
+    with pytest.warns(CheckpointWarning):
+        model, _ = load_model(tmp_path / "head.pt", model="mlp", input_shape=(1, 8, 8), num_outputs=10, strict=False)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in head.items())
+    assert not torch.equal(model.state_dict()["1.weight"], full.state_dict()["1.weight"])  # left as built
+
 # the rule itself, over random names --------------------------------------------------------------------------
 
 _PARTS = ["a", "b", "fc", "head", "0", "1", "weight", "bias"]

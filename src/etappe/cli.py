@@ -241,7 +241,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from etappe.loop import evaluate
 
     model, config = load_model(args.path, which=args.checkpoint, model=args.model, trusted=args.trust,
-                               weights=args.weights, input_shape=args.input_shape)
+                               weights=args.weights, strict=not args.non_strict, input_shape=args.input_shape)
     data_name = args.data or config.get("data")
     if not data_name:
         raise UsageError(f"{args.path} does not record its data set; pass --data NAME")
@@ -406,7 +406,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         with _writing(Path(args.out) if args.out else Path(args.path), "--out"):
             exported = export_path(args.path, formats, out=args.out, atol=args.atol, input_shapes=args.input_shape,
                                    which=args.checkpoint, model=args.model, data_dir=args.data_dir,
-                                   trusted=args.trust, weights=args.weights)
+                                   trusted=args.trust, weights=args.weights, strict=not args.non_strict)
     except ExportError as exc:
         for e in exc.exported:
             print(e.summary())
@@ -421,7 +421,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     results = predict(args.model, args.inputs, top=args.top, resize=args.resize, which=args.checkpoint,
                       input_shape=args.input_shape, model_name=args.model_name, trusted=args.trust,
-                      weights=args.weights, scale=args.scale)
+                      weights=args.weights, scale=args.scale, strict=not args.non_strict)
     if args.json:
         import json
 
@@ -432,10 +432,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _add_weights_flag(parser: argparse.ArgumentParser) -> None:
-    """--weights, for the commands that load a run's model: eval, export, predict."""
+    """--weights and --non-strict, for the commands that load a run's model: eval, export, predict."""
     parser.add_argument("--weights", choices=("raw", "ema"), default="raw",
                         help="of a run or checkpoint: raw (default), the model's own weights, or ema, the averaged "
                              "weights a run trained with --ema saves")
+    parser.add_argument("--non-strict", action="store_true",
+                        help="load the weights that fit the model by name and shape, and list the ones left out "
+                             "(default: every weight must fit)")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -71,6 +71,7 @@ def predict(
     trusted: bool = False,
     weights: str = "raw",
     scale: str | float = "auto",
+    strict: bool = True,
 ) -> list[dict]:
     """Predict for every sample in ``inputs``. ``model`` is a path ``load_model`` reads.
 
@@ -101,7 +102,7 @@ def predict(
     from etappe.export import load_model
 
     module, config = load_model(model, which=which, model=model_name, input_shape=shapes[0] if shapes else None,
-                                trusted=trusted, weights=weights)
+                                trusted=trusted, weights=weights, strict=strict)
     spec = dict(config.get("data_spec") or {})
     signature = model_inputs(module, config, shapes, where=str(model))
     data_scale = float(spec.get("input_scale") or 1.0)

@@ -330,6 +330,7 @@ def export_path(
     samples: int = 64,
     trusted: bool = False,
     weights: str = "raw",
+    strict: bool = True,
 ) -> list[Exported]:
     """Export a run, checkpoint or weights file: the example and parity inputs are the first ``samples``
     test-set inputs of the data set the run records (seeded random ones if it cannot be loaded or
@@ -337,7 +338,8 @@ def export_path(
     (a ``module:factory`` is called with the first as ``input_shape=``; the inputs are then seeded random ones); a
     sidecar that records several inputs gives them too. ``out`` is the file for one format, a folder for several
     (default: ``RUN/export/model.<suffix>``). ``model``, ``trusted`` and ``weights`` ("raw", "ema") as for
-    ``load_model``; the sidecars record which weights they hold."""
+    ``load_model``; the sidecars record which weights they hold. ``strict=False``: the weights that fit by name
+    and shape, the rest of the model as initialised (said in a warning)."""
     path = Path(path)
     if path.is_file():
         fmt = detect_format(path)
@@ -347,7 +349,7 @@ def export_path(
                              "predict, or export again from the run it came from")
     shapes = [tuple(s) for s in input_shapes or ([input_shape] if input_shape else [])]
     module, config = load_model(path, which=which, model=model, input_shape=shapes[0] if shapes else None,
-                                trusted=trusted, weights=weights)
+                                trusted=trusted, weights=weights, strict=strict)
     recorded = _recorded_inputs(config)
     if not shapes and len(recorded) > 1:
         shapes = [shape for shape, _ in recorded]

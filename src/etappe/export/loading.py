@@ -97,6 +97,7 @@ def load_model(
     model_kwargs: Mapping[str, Any] | None = None,
     trusted: bool = False,
     weights: str = "raw",
+    strict: bool = True,
 ) -> tuple[nn.Module, dict]:
     """Load a model for inference, in eval mode, from a run folder (its ``which`` checkpoint: best or latest),
     a checkpoint folder, a state dict (torch.save or safetensors), a TorchScript file, a ``.pt2`` or an ONNX file
@@ -113,7 +114,8 @@ def load_model(
     ``weights``: "raw" (the model's own weights, the checkpoint's ``model`` entry) or "ema" (the averaged weights a
     run trained with ``ema`` saves as its ``ema`` entry; of a file: its ``ema`` entry, or the file itself when its
     sidecar says it was exported from them). ``config["weights"]`` says which were loaded. A state dict saved from
-    a compiled or DDP-wrapped model (``_orig_mod.``/``module.`` names) loads into the plain model.
+    a compiled or DDP-wrapped model (``_orig_mod.``/``module.`` names) loads into the plain model. ``strict=False``
+    loads the weights that fit by name and shape and warns, in one line, of the ones left out.
     """
     path = Path(path)
     if not path.exists():
@@ -121,7 +123,7 @@ def load_model(
     if weights not in WEIGHTS:
         raise UsageError(f"weights: expected one of {', '.join(map(repr, WEIGHTS))}, got {weights!r}")
     overrides = {"model": model, "input_shape": input_shape, "num_outputs": num_outputs, "model_kwargs": model_kwargs,
-                 "weights": weights}
+                 "weights": weights, "strict": strict}
     if path.is_dir():
         module, config = _load_folder(path, which, overrides, trusted)
     else:
@@ -177,7 +179,7 @@ def _load_checkpoint(path: Path, overrides: dict, trusted: bool) -> tuple[nn.Mod
             raise _no_ema(path, "the checkpoint holds no 'ema' entry: the run was not trained with --ema")
         raise EtappeError(f"{path}: the checkpoint holds no {entry!r} entry; it holds: {', '.join(values)}")
     module = _build(config, overrides, str(path), trusted, state)
-    _load_state(module, state, path, config)
+    _load_state(module, state, path, config, strict=overrides.get("strict", True))
     config["checkpoint"] = str(path)
     config["weights"] = weights
     return module, config
@@ -200,8 +202,8 @@ def _load_state(module: nn.Module, state: Mapping, path: Path, config: dict,
 
     try:
         report = kinds.load_into(module, state, str(path), strict=strict,
-                                 advice="load the weights in Python with etappe.load(path, strict=False, model=net) "
-                                        "to take what fits")
+                                 advice="--non-strict (Python: strict=False) loads the weights that fit and lists "
+                                        "the rest")
     except CheckpointError as exc:
         said = str(exc).removeprefix(f"cannot restore {path} into {type(module).__name__}: ")
         raise UsageError(f"{path} does not fit model {config['model']!r} with input shape "
@@ -256,7 +258,7 @@ def _load_file(path: Path, overrides: dict, trusted: bool) -> tuple[nn.Module, d
     else:
         state = _read_state(path, overrides["weights"], config.get("weights") == "ema")
         module = _build(config, overrides, str(path), trusted, state)
-        _load_state(module, state, path, config)
+        _load_state(module, state, path, config, strict=overrides.get("strict", True))
     if overrides["weights"] == "ema":
         config["weights"] = "ema"
     if overrides["input_shape"]:
@@ -366,7 +368,7 @@ def _build(config: dict, overrides: dict, where: str, trusted: bool, state: Mapp
     kwargs = dict(kwargs)
     config.update(model=name, input_shape=list(shape), num_outputs=int(outputs), model_kwargs=kwargs)
     if state is not None:
-        _check_fits(name, tuple(shape), int(outputs), kwargs, state, where, config)
+        _check_fits(name, tuple(shape), int(outputs), kwargs, state, where, config, overrides.get("strict", True))
     module = models.build(name, tuple(shape), int(outputs), **kwargs)
     if config.get("channels_last"):  # the layout the run trained in: eval then computes exactly as training did
         from etappe.build import to_channels_last
@@ -380,9 +382,10 @@ MAX_OUTPUTS = 2**24
 
 
 def _check_fits(name: str, shape: tuple[int, ...], outputs: int, kwargs: dict, state: Mapping, where: str,
-                config: dict) -> None:
+                config: dict, strict: bool = True) -> None:
     """Build the model on the meta device (no memory) and compare its parameter and buffer shapes with the
-    weights': a config can size a model far beyond its weights, and building that for real could take gigabytes."""
+    weights': a config can size a model far beyond its weights, and building that for real could take gigabytes.
+    Not ``strict``, only weights of which nothing fits are refused here (the load says what was left out)."""
     from etappe import models
 
     try:
@@ -397,6 +400,11 @@ def _check_fits(name: str, shape: tuple[int, ...], outputs: int, kwargs: dict, s
     missing = [k for k in wanted if k not in given]
     unexpected = [k for k in given if k not in wanted]
     differ = [k for k in wanted if k in given and wanted[k] != given[k]]
+    if not strict:
+        if any(k in given and wanted[k] == given[k] for k in wanted):
+            return
+        raise UsageError(f"{where} does not fit model {name!r} with input shape {shape}: none of its "
+                         f"{len(given)} tensors has a name and shape of the model's")
     if differ:
         detail = f"{differ[0]} is {given[differ[0]]} in the weights, {wanted[differ[0]]} in the model"
     elif missing:
@@ -405,7 +413,8 @@ def _check_fits(name: str, shape: tuple[int, ...], outputs: int, kwargs: dict, s
         detail = f"the model has no {unexpected[0]}"
     else:
         return
-    raise UsageError(f"{where} does not fit model {name!r} with input shape {shape}: {detail}")
+    raise UsageError(f"{where} does not fit model {name!r} with input shape {shape}: {detail}; --non-strict (Python: "
+                     "strict=False) loads the weights that fit and lists the rest")
 
 
 def _positive_int(x: Any) -> bool:
