@@ -35,11 +35,15 @@ _CONFIG_FIELDS = ("model_type", "architectures", "torch_dtype", "dtype", "hidden
 
 def is_folder(path: Path) -> bool:
     """Whether ``path`` is a Hugging Face style folder: weights in ``model.safetensors`` or an index, and neither
-    an etappe checkpoint (a manifest) nor a run folder (``checkpoints/``)."""
+    an etappe checkpoint nor a run folder (``checkpoints/``). A checkpoint is told by any file etappe writes into
+    one (its manifest, ``state.json``, a ``shards-*`` folder), not by its manifest alone: a checkpoint whose
+    manifest was lost is a damaged checkpoint, never a folder of weights without checksums."""
     path = Path(path)
-    if not path.is_dir() or (path / manifest.MANIFEST).exists() or (path / manifest.MANIFEST).is_symlink():
+    if not path.is_dir() or (path / "checkpoints").is_dir():
         return False
-    if (path / "checkpoints").is_dir():
+    if any((path / name).exists() or (path / name).is_symlink() for name in (manifest.MANIFEST, "state.json")):
+        return False
+    if any(p.name.startswith("shards-") for p in path.iterdir()):
         return False
     return any((path / name).exists() or (path / name).is_symlink() for name in (SINGLE, INDEX))
 
