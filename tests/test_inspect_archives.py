@@ -476,7 +476,7 @@ def test_the_torchscript_source_reader_finds_what_the_printer_writes(params, buf
 def test_the_torchscript_source_reader_on_random_text_parses_or_says_so(text):
     try:
         modelfiles._classes(text, "__torch__.x")
-    except modelfiles._Malformed:
+    except modelfiles.Malformed:
         pass
 
 
@@ -490,8 +490,8 @@ def test_the_unpickler_builds_only_inert_stand_ins(module, name, torch_class):
     stream = (b"\x80\x02c" + module.encode() + b"\n" + name.encode() + b"\n)\x81}X\x01\x00\x00\x00aK\x01sb.")
     before = set(sys.modules)
     try:
-        obj = modelfiles._unpickle(stream, {}, "data.pkl")
-    except modelfiles._Malformed as e:
+        obj = modelfiles.unpickle(stream, {}, "data.pkl")
+    except modelfiles.Malformed as e:
         assert not torch_class and isinstance(e, modelfiles._Unsupported) and "does not build" in str(e)
     else:
         assert torch_class and obj.qualname == f"{module}.{name}" and obj.state == {"a": 1}
@@ -503,8 +503,8 @@ def test_the_unpickler_builds_only_inert_stand_ins(module, name, torch_class):
 def test_the_unpickler_on_random_bytes_returns_or_says_so(data):
     before = set(sys.modules)
     try:
-        modelfiles._unpickle(b"\x80\x02" + data, {}, "data.pkl")
-    except modelfiles._Malformed:
+        modelfiles.unpickle(b"\x80\x02" + data, {}, "data.pkl")
+    except modelfiles.Malformed:
         pass
     assert set(sys.modules) == before
 
@@ -518,9 +518,9 @@ def _tensor_pickle(numel: int, size: tuple, stride: tuple) -> bytes:
 
 
 def test_the_unpickler_checks_storages_against_the_archive():
-    t = modelfiles._unpickle(_tensor_pickle(6, (2, 3), (3, 1)), {"0": 24}, "data.pkl")
+    t = modelfiles.unpickle(_tensor_pickle(6, (2, 3), (3, 1)), {"0": 24}, "data.pkl")
     assert t.shape == (2, 3) and t.stride == (3, 1) and t.storage.dtype == torch.float32
     for numel, size, have in ((6, (2, 3), 20), (6, (3, 3), 24), (6, (2, 3), None)):
-        with pytest.raises(modelfiles._Malformed, match="storage|past"):
-            modelfiles._unpickle(_tensor_pickle(numel, size, (3, 1)), {} if have is None else {"0": have},
+        with pytest.raises(modelfiles.Malformed, match="storage|past"):
+            modelfiles.unpickle(_tensor_pickle(numel, size, (3, 1)), {} if have is None else {"0": have},
                                  "data.pkl")

@@ -292,31 +292,31 @@ def _read_torchscript(path: Path, trusted: bool) -> Side:
 
     infos = torchsave.check_archive(path, "TorchScript archive")
     by_inner = {i.filename.split("/", 1)[-1]: i for i in infos}
-    data = modelfiles._member(path, infos, "data.pkl", modelfiles._MAX_PICKLE)
+    data = modelfiles.read_member(path, infos, "data.pkl", modelfiles.MAX_PICKLE)
     if data is None:
         raise CheckpointError(f"{path}: a TorchScript archive without data.pkl; the file is damaged")
     storages = {n.removeprefix("data/"): i.file_size for n, i in by_inner.items() if n.startswith("data/")}
     try:
-        root = modelfiles._unpickle(data, storages, "data.pkl")
-    except (modelfiles._Malformed, RecursionError) as e:
+        root = modelfiles.unpickle(data, storages, "data.pkl")
+    except (modelfiles.Malformed, RecursionError) as e:
         raise CheckpointError(f"{path}: a TorchScript archive that is malformed ({e or 'nested too deeply'}); "
                               "export it again") from None
     records: dict[str, Any] = {}
     opaque: list[str] = []
 
     def walk(obj: Any, prefix: str, depth: int) -> None:
-        if depth > modelfiles._MAX_DEPTH:
-            raise CheckpointError(f"{path}: modules nested more than {modelfiles._MAX_DEPTH} deep")
+        if depth > modelfiles.MAX_DEPTH:
+            raise CheckpointError(f"{path}: modules nested more than {modelfiles.MAX_DEPTH} deep")
         if not isinstance(obj.state, Mapping):
             opaque.append(prefix.rstrip(".") or "the model")
             return
         for key, v in obj.state.items():
-            if isinstance(v, modelfiles._Tensor):
+            if isinstance(v, modelfiles.TensorRecord):
                 records[f"{prefix}{key}"] = v
-            elif isinstance(v, modelfiles._Object):
+            elif isinstance(v, modelfiles.ObjectRecord):
                 walk(v, f"{prefix}{key}.", depth + 1)
 
-    if not isinstance(root, modelfiles._Object):
+    if not isinstance(root, modelfiles.ObjectRecord):
         raise CheckpointError(f"{path}: data.pkl does not hold a scripted module; the file is damaged")
     walk(root, "", 0)
     if opaque:
@@ -429,7 +429,7 @@ def pair_entries(a: Mapping[str, str], b: Mapping[str, str]
     pairs = [(k, k) for k in a if k in b]
     left_a, left_b = [k for k in a if k not in b], [k for k in b if k not in a]
     for k in list(left_a):
-        answering = [j for j in left_b if torchsave._answers_to(j) == torchsave._answers_to(k)]
+        answering = [j for j in left_b if torchsave.answers_to(j) == torchsave.answers_to(k)]
         if len(answering) == 1:
             pairs.append((k, answering[0]))
             left_a.remove(k)

@@ -45,10 +45,10 @@ NEXT_STEP = {  # what going further takes, in etappe's words
     ONNX: "runs in onnxruntime, which executes no Python: etappe predict FILE INPUT takes it without --trust",
 }
 _BUFFERS = ("running_mean", "running_var", "num_batches_tracked")  # BatchNorm's statistics: not parameters
-_MAX_PICKLE = 64 * 2**20  # data.pkl holds the module tree and tensor records, not the tensors' data
+MAX_PICKLE = 64 * 2**20  # data.pkl holds the module tree and tensor records, not the tensors' data
 _MAX_CODE = 16 * 2**20  # TorchScript source parsed to describe one archive, all classes together
 _MAX_JSON = 128 * 2**20  # a .pt2's serialized program (a large model's graph runs to tens of MB)
-_MAX_DEPTH = 200  # nesting of modules and containers in a TorchScript archive
+MAX_DEPTH = 200  # nesting of modules and containers in a TorchScript archive
 
 
 def kind(path: Path) -> str | None:
@@ -61,7 +61,7 @@ def kind(path: Path) -> str | None:
         found = torchsave.archive_kind(infos)
         if found == "torchscript":
             return TORCHSCRIPT
-        if found == "export" and _member(path, infos, "archive_format", 64) == b"pt2":
+        if found == "export" and read_member(path, infos, "archive_format", 64) == b"pt2":
             return EXPORT
         return None
     if not head or head[:1] == b"\x80" or torchsave.is_safetensors(head, size):
@@ -87,7 +87,7 @@ def describe(path: Path, found: str) -> dict[str, Any]:
     except _Unsupported as e:
         raise CheckpointError(f"{path}: a {FORMATS[found]} that etappe cannot describe without running it: {e}; "
                               "etappe predict/eval FILE --trust runs it, if you trust where it came from") from None
-    except _Malformed as e:
+    except Malformed as e:
         raise CheckpointError(f"{path}: a {FORMATS[found]} that is malformed ({e}); the file is damaged: export it "
                               "again") from None
     weights = info.setdefault("weights", [])
@@ -102,11 +102,11 @@ def describe(path: Path, found: str) -> dict[str, Any]:
     return info
 
 
-class _Malformed(Exception):
+class Malformed(Exception):
     """A file of the right kind whose content does not have the structure its format gives it."""
 
 
-class _Unsupported(_Malformed):
+class _Unsupported(Malformed):
     """A file that may be sound but holds something etappe reads only by running code (a quantized tensor)."""
 
 
@@ -174,7 +174,7 @@ def _onnx(path: Path) -> dict[str, Any]:
     for init in g.initializer:
         name, (dt, size), shape = text(init.name), dtype(init.data_type), list(init.dims)
         if any(d < 0 for d in shape):
-            raise _Malformed(f"initializer {name[:80]!r} has shape {shape[:8]}")
+            raise Malformed(f"initializer {name[:80]!r} has shape {shape[:8]}")
         # ONNX does not tell parameters from constants: floating-point initializers are the weights, less
         # BatchNorm's statistics; integer ones are shapes and indices the exporter folded in
         floating = dt.startswith(("float", "bfloat", "complex"))
@@ -195,7 +195,7 @@ def _onnx(path: Path) -> dict[str, Any]:
 # ------------------------------------------------------------------ torch.export (.pt2)
 
 
-def _member(path: Path, infos: list[zipfile.ZipInfo], inner: str, limit: int) -> bytes | None:
+def read_member(path: Path, infos: list[zipfile.ZipInfo], inner: str, limit: int) -> bytes | None:
     """Member ``<root>/inner`` of checked archive ``path`` (None when absent); over ``limit`` bytes is refused."""
     for info in infos:
         if info.filename.split("/", 1)[-1] == inner:
@@ -213,7 +213,7 @@ def _member(path: Path, infos: list[zipfile.ZipInfo], inner: str, limit: int) ->
 
 
 def _json(path: Path, infos: list[zipfile.ZipInfo], inner: str) -> Any:
-    data = _member(path, infos, inner, _MAX_JSON)
+    data = read_member(path, infos, inner, _MAX_JSON)
     if data is None:
         raise CheckpointError(f"{path}: a .pt2 archive without {inner}; the file is damaged or not one "
                               "torch.export.save wrote")
@@ -231,7 +231,7 @@ def _export(path: Path) -> dict[str, Any]:
         try:
             t = _SERIALIZE_TO_TORCH_DTYPE[ScalarType(code)]
         except (ValueError, KeyError, TypeError):
-            raise _Malformed(f"dtype {str(code)[:20]} is none torch.export writes") from None
+            raise Malformed(f"dtype {str(code)[:20]} is none torch.export writes") from None
         return str(t).removeprefix("torch."), t.itemsize
 
     def sizes(meta: Mapping) -> list:
@@ -284,7 +284,7 @@ def _export(path: Path) -> dict[str, Any]:
             dt, size = dtype(meta["dtype"])
             shape = sizes(meta)
             if not all(isinstance(d, int) and d >= 0 for d in shape):
-                raise _Malformed(f"weight {fqn[:80]!r} has shape {shape}")
+                raise Malformed(f"weight {fqn[:80]!r} has shape {shape}")
             role = roles.get(fqn, "parameter" if payload.get("is_param") else "buffer")
             weights.append(_weight(fqn, shape, dt, size, role, storage=f"{payload['path_name']}:{shape}"))
         schema = program["schema_version"]
@@ -292,10 +292,10 @@ def _export(path: Path) -> dict[str, Any]:
         ranges = _mapping(program["range_constraints"])
         dynamic = {str(k): [v.get("min_val"), v.get("max_val")] for k, v in ranges.items()}
     except (KeyError, TypeError, AttributeError, ValueError, StopIteration) as e:
-        raise _Malformed(f"{type(e).__name__} {first_line(e)[:80]}") from None
+        raise Malformed(f"{type(e).__name__} {first_line(e)[:80]}") from None
     out = {
         "format_version": version,
-        "archive_version": (_member(path, infos, "archive_version", 64) or b"").decode("ascii", "replace"),
+        "archive_version": (read_member(path, infos, "archive_version", 64) or b"").decode("ascii", "replace"),
         "torch_version": str(program.get("torch_version")),
         "producer": f"torch {program.get('torch_version')}",
         "opset": {str(k): v for k, v in _mapping(program.get("opset_version", {})).items()},
@@ -312,19 +312,19 @@ def _export(path: Path) -> dict[str, Any]:
 
 def _list(x: Any) -> list:
     if not isinstance(x, list):
-        raise _Malformed(f"a {type(x).__name__} where a list belongs")
+        raise Malformed(f"a {type(x).__name__} where a list belongs")
     return x
 
 
 def _mapping(x: Any) -> Mapping:
     if not isinstance(x, Mapping):
-        raise _Malformed(f"a {type(x).__name__} where a mapping belongs")
+        raise Malformed(f"a {type(x).__name__} where a mapping belongs")
     return x
 
 
 def _int(x: Any) -> int:
     if not isinstance(x, int) or isinstance(x, bool):
-        raise _Malformed(f"{str(x)[:20]!r} where a whole number belongs")
+        raise Malformed(f"{str(x)[:20]!r} where a whole number belongs")
     return x
 
 
@@ -339,14 +339,14 @@ class _Storage:
 
 
 @dataclass(frozen=True)
-class _Tensor:
+class TensorRecord:
     storage: _Storage
     offset: int
     shape: tuple[int, ...]
     stride: tuple[int, ...]
 
 
-class _Object:
+class ObjectRecord:
     """A ``__torch__`` object (a scripted module or class) as data: its class's qualified name and the state its
     ``__setstate__`` (or the default one) would have been given. Nothing of the class runs."""
 
@@ -373,19 +373,19 @@ def _storage_types() -> dict[str, _StorageType]:
         "UntypedStorage": _StorageType(torch.uint8)}
 
 
-def _rebuild_tensor(storage: Any, offset: Any, size: Any, stride: Any, *rest: Any) -> _Tensor:
+def _rebuild_tensor(storage: Any, offset: Any, size: Any, stride: Any, *rest: Any) -> TensorRecord:
     """What ``torch._utils._rebuild_tensor_v2`` would build, as a record: the tensor's view of its storage."""
     if not isinstance(storage, _Storage):
-        raise _Malformed("a tensor without a storage record")
+        raise Malformed("a tensor without a storage record")
     shape, strides = tuple(map(_int, size)), tuple(map(_int, stride))
     if len(shape) != len(strides) or min(shape, default=0) < 0 or _int(offset) < 0:
-        raise _Malformed(f"a tensor of shape {list(shape)[:8]} and strides {list(strides)[:8]}")
+        raise Malformed(f"a tensor of shape {list(shape)[:8]} and strides {list(strides)[:8]}")
     if math.prod(shape) and offset + sum((n - 1) * abs(s) for n, s in zip(shape, strides)) >= storage.numel:
-        raise _Malformed(f"a tensor of shape {list(shape)} reaching past its storage of {storage.numel} elements")
-    return _Tensor(storage, offset, shape, strides)
+        raise Malformed(f"a tensor of shape {list(shape)} reaching past its storage of {storage.numel} elements")
+    return TensorRecord(storage, offset, shape, strides)
 
 
-def _rebuild_qtensor(storage: Any, offset: Any, size: Any, stride: Any, quantizer: Any, *rest: Any) -> _Tensor:
+def _rebuild_qtensor(storage: Any, offset: Any, size: Any, stride: Any, quantizer: Any, *rest: Any) -> TensorRecord:
     """``torch._utils._rebuild_qtensor``'s record: a quantized tensor's view of its (integer) storage."""
     return _rebuild_tensor(storage, offset, size, stride)
 
@@ -403,8 +403,8 @@ _JIT_PICKLE = ("build_intlist", "build_doublelist", "build_boollist", "build_ten
 
 
 class _Unpickler(pickle.Unpickler):
-    """TorchScript's pickles as data: ``__torch__`` classes become inert ``_Object`` subclasses, tensors
-    ``_Tensor`` records of the storages in ``data/``, whose sizes are checked; any other global is refused."""
+    """TorchScript's pickles as data: ``__torch__`` classes become inert ``ObjectRecord`` subclasses, tensors
+    ``TensorRecord`` records of the storages in ``data/``, whose sizes are checked; any other global is refused."""
 
     def __init__(self, data: bytes, storages: Mapping[str, int], member: str) -> None:
         import io
@@ -419,7 +419,7 @@ class _Unpickler(pickle.Unpickler):
         qualname = f"{module}.{name}"
         if module == "__torch__" or module.startswith("__torch__."):
             if qualname not in self.classes:
-                self.classes[qualname] = type(name, (_Object,), {"qualname": qualname})
+                self.classes[qualname] = type(name, (ObjectRecord,), {"qualname": qualname})
             return self.classes[qualname]
         if (module, name) in (("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_tensor")):
             return _rebuild_tensor
@@ -439,26 +439,26 @@ class _Unpickler(pickle.Unpickler):
 
     def persistent_load(self, pid: Any) -> _Storage:
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
-            raise _Malformed(f"{self.member} holds a persistent id {str(pid)[:60]} that is not a storage record")
+            raise Malformed(f"{self.member} holds a persistent id {str(pid)[:60]} that is not a storage record")
         _, storage_type, key, _location, numel = pid
         if not isinstance(storage_type, _StorageType):
-            raise _Malformed(f"{self.member} holds a storage of type {str(storage_type)[:60]}")
+            raise Malformed(f"{self.member} holds a storage of type {str(storage_type)[:60]}")
         dtype, numel, key = storage_type.dtype, _int(numel), str(key)
         if self.storages is not None:
             have = self.storages.get(key)
             if have is None or have < numel * dtype.itemsize:
-                raise _Malformed(f"storage {key[:40]} of {numel} {str(dtype).removeprefix('torch.')} values is "
+                raise Malformed(f"storage {key[:40]} of {numel} {str(dtype).removeprefix('torch.')} values is "
                                  f"{'missing' if have is None else f'only {have} bytes'} in the archive")
         return _Storage(key, dtype, numel)
 
 
-def _unpickle(data: bytes, storages: Mapping[str, int] | None, member: str) -> Any:
+def unpickle(data: bytes, storages: Mapping[str, int] | None, member: str) -> Any:
     try:
         return _Unpickler(data, storages, member).load()
-    except (_Malformed, RecursionError):
+    except (Malformed, RecursionError):
         raise
     except Exception as e:  # the pickle machinery's own errors on a damaged stream (UnpicklingError, EOFError ...)
-        raise _Malformed(f"{member} does not unpickle ({type(e).__name__}: {first_line(e)[:80]})") from None
+        raise Malformed(f"{member} does not unpickle ({type(e).__name__}: {first_line(e)[:80]})") from None
 
 
 @dataclass
@@ -475,7 +475,7 @@ def _classes(source: str, module: str) -> dict[str, _Class]:
     try:
         tree = ast.parse(source)
     except (SyntaxError, ValueError, MemoryError, RecursionError) as e:
-        raise _Malformed(f"code of {module[:80]} does not parse ({type(e).__name__})") from None
+        raise Malformed(f"code of {module[:80]} does not parse ({type(e).__name__})") from None
     found = {}
     for node in tree.body:
         if not isinstance(node, ast.ClassDef):
@@ -490,7 +490,7 @@ def _classes(source: str, module: str) -> dict[str, _Class]:
                 except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
                     listed = None
                 if not (isinstance(listed, list) and all(isinstance(n, str) for n in listed)):
-                    raise _Malformed(f"{module}.{node.name}.{item.targets[0].id} is not a list of names")
+                    raise Malformed(f"{module}.{node.name}.{item.targets[0].id} is not a list of names")
                 names[item.targets[0].id] = listed
             elif isinstance(item, ast.FunctionDef) and item.name == "forward":
                 args = item.args.posonlyargs + item.args.args + item.args.kwonlyargs
@@ -505,21 +505,21 @@ def _torchscript(path: Path) -> dict[str, Any]:
     infos = torchsave.check_archive(path, "TorchScript archive")
     by_inner = {i.filename.split("/", 1)[-1]: i for i in infos}
     storages = {n.removeprefix("data/"): i.file_size for n, i in by_inner.items() if n.startswith("data/")}
-    data = _member(path, infos, "data.pkl", _MAX_PICKLE)
+    data = read_member(path, infos, "data.pkl", MAX_PICKLE)
     if data is None:
         raise CheckpointError(f"{path}: a TorchScript archive without data.pkl; the file is damaged")
-    root = _unpickle(data, storages, "data.pkl")
-    if not isinstance(root, _Object):
-        raise _Malformed("data.pkl does not hold a scripted module")
+    root = unpickle(data, storages, "data.pkl")
+    if not isinstance(root, ObjectRecord):
+        raise Malformed("data.pkl does not hold a scripted module")
     code_read = [0]
     classes: dict[str, _Class] = {}
     sources_read: set[str] = set()
 
-    def class_of(obj: _Object) -> _Class | None:
+    def class_of(obj: ObjectRecord) -> _Class | None:
         module = obj.qualname.rsplit(".", 1)[0]
         if obj.qualname not in classes and module not in sources_read:
             sources_read.add(module)
-            source = _member(path, infos, "code/" + module.replace(".", "/") + ".py", _MAX_CODE)
+            source = read_member(path, infos, "code/" + module.replace(".", "/") + ".py", _MAX_CODE)
             if source is not None:
                 code_read[0] += len(source)
                 if code_read[0] > _MAX_CODE:
@@ -532,21 +532,21 @@ def _torchscript(path: Path) -> dict[str, Any]:
     own_setstate: list[str] = []
     seen: set[int] = set()
 
-    def add(name: str, t: _Tensor, role: str) -> None:
+    def add(name: str, t: TensorRecord, role: str) -> None:
         dtype = t.storage.dtype
         storage = f"{t.storage.key}:{t.offset}:{list(t.shape)}:{list(t.stride)}"
         weights.append(_weight(name, list(t.shape), str(dtype).removeprefix("torch."), dtype.itemsize, role, storage))
 
     def walk(value: Any, name: str, role: str, depth: int) -> None:
-        if depth > _MAX_DEPTH:
-            raise _Malformed(f"modules nested more than {_MAX_DEPTH} deep")
-        if isinstance(value, _Tensor):
+        if depth > MAX_DEPTH:
+            raise Malformed(f"modules nested more than {MAX_DEPTH} deep")
+        if isinstance(value, TensorRecord):
             add(name, value, role)
             return
         if id(value) in seen:  # shared and cyclic references: each object once
             return
         seen.add(id(value))
-        if isinstance(value, _Object):
+        if isinstance(value, ObjectRecord):
             cls = class_of(value)
             state = value.state
             prefix = f"{name}." if name else ""
@@ -570,7 +570,7 @@ def _torchscript(path: Path) -> dict[str, Any]:
     walk(root, "", "attribute", 0)
     top = class_of(root)
     if top is None:
-        raise _Malformed(f"data.pkl's module {root.qualname[:80]} has no class in code/")
+        raise Malformed(f"data.pkl's module {root.qualname[:80]} has no class in code/")
     inputs = top.inputs or []
     traced = _traced_shapes(path, infos)
     if traced is not None and len(traced) == len(inputs):
@@ -578,7 +578,7 @@ def _torchscript(path: Path) -> dict[str, Any]:
             if shape is not None:
                 spec["example_shape"] = shape  # the input torch.jit.trace was given: one shape that works
     out: dict[str, Any] = {
-        "format_version": (_member(path, infos, "version", 64) or b"").decode("ascii", "replace").strip(),
+        "format_version": (read_member(path, infos, "version", 64) or b"").decode("ascii", "replace").strip(),
         "producer": "torch.jit.trace" if traced is not None else "torch.jit (script or trace)",
         "model_class": re.sub(r"___torch_mangle_\d+\.", "", root.qualname.removeprefix("__torch__.")),
         "inputs": inputs,
@@ -594,7 +594,7 @@ def _has_tensor(value: Any) -> bool:
     stack, seen = [value], set()
     while stack:
         x = stack.pop()
-        if isinstance(x, _Tensor):
+        if isinstance(x, TensorRecord):
             return True
         if id(x) in seen:
             continue
@@ -609,14 +609,14 @@ def _has_tensor(value: Any) -> bool:
 def _traced_shapes(path: Path, infos: list[zipfile.ZipInfo]) -> list | None:
     """The shapes of the inputs ``torch.jit.trace`` recorded in traced_inputs.pkl (None when it is absent: a
     scripted module); an entry that is not a tensor is None. torch stores these tensors' records, not their data."""
-    data = _member(path, infos, "traced_inputs.pkl", _MAX_PICKLE)
+    data = read_member(path, infos, "traced_inputs.pkl", MAX_PICKLE)
     if data is None:
         return None
-    traced = _unpickle(data, None, "traced_inputs.pkl")
+    traced = unpickle(data, None, "traced_inputs.pkl")
     args = traced.get("forward") if isinstance(traced, Mapping) else None
     if not isinstance(args, (list, tuple)):
         return None
-    return [list(a.shape) if isinstance(a, _Tensor) else None for a in args]
+    return [list(a.shape) if isinstance(a, TensorRecord) else None for a in args]
 
 
 # ------------------------------------------------------------------ text

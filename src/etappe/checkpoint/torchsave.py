@@ -330,7 +330,7 @@ def _match(name: str, obj: Any, found: Mapping[str, Any], taken: set[str]) -> st
     free = [k for k in found if k not in taken]
     if name in free:
         return name
-    answering = [k for k in free if _answers_to(k) == name]
+    answering = [k for k in free if answers_to(k) == name]
     if len(answering) == 1:
         return answering[0]
     kind = kinds.of_object(obj)
@@ -338,7 +338,7 @@ def _match(name: str, obj: Any, found: Mapping[str, Any], taken: set[str]) -> st
     return same_kind[0] if len(same_kind) == 1 else None
 
 
-def _answers_to(key: str) -> str:
+def answers_to(key: str) -> str:
     for suffix in _SUFFIXES:
         if key.endswith(suffix) and len(key) > len(suffix):
             key = key[: -len(suffix)]
