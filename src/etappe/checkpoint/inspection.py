@@ -92,7 +92,7 @@ def format_inspection(info: Mapping[str, Any]) -> str:
     keys = ("format_version", "etappe_version", "torch_version", "step")
     facts = [f"{k.replace('_', ' ')} {info[k]}" for k in keys if k in info]
     if "bytes" in info:
-        facts.append(_size(info["bytes"]))
+        facts.append(modelfiles.size_text(info["bytes"]))
     lines = [head + (f" ({', '.join(facts)})" if facts else "")]
     if info.get("kind") in modelfiles.FORMATS:
         return "\n".join(lines + modelfiles.format_lines(info))
@@ -101,7 +101,7 @@ def format_inspection(info: Mapping[str, Any]) -> str:
     if info.get("training"):
         lines.append("training: " + _format_training(info["training"]))
     if info.get("files"):
-        lines.append("files: " + ", ".join(f"{f['name']} {_size(f['bytes'])}" for f in info["files"]))
+        lines.append("files: " + ", ".join(f"{f['name']} {modelfiles.size_text(f['bytes'])}" for f in info["files"]))
     for e in info["entries"]:
         lines.append("")
         lines += _format_entry(e)
@@ -233,12 +233,12 @@ def _a(value: Any) -> str:
 def _format_entry(e: Mapping[str, Any]) -> list[str]:
     typ = e.get("type", "").rsplit(".", 1)[-1]
     if e["kind"] == kinds.MODULE:
-        lines = [f"{e['name']}: {typ or 'model'} state_dict, {e['parameters']:,} parameters, {_size(e['bytes'])}"]
-        lines += [f"  {t['name']}\t{list(t['shape'])}\t{t['dtype']}\t{_size(t['bytes'])}" for t in e["tensors"]]
+        lines = [f"{e['name']}: {typ or 'model'} state_dict, {e['parameters']:,} parameters, {modelfiles.size_text(e['bytes'])}"]
+        lines += [f"  {t['name']}\t{list(t['shape'])}\t{t['dtype']}\t{modelfiles.size_text(t['bytes'])}" for t in e["tensors"]]
         return lines
     if e["kind"] == kinds.OPTIMIZER:
         s = e["state"]
-        lines = [f"{e['name']}: {typ}, state for {s['params']} params ({s['tensors']} tensors, {_size(s['bytes'])})"]
+        lines = [f"{e['name']}: {typ}, state for {s['params']} params ({s['tensors']} tensors, {modelfiles.size_text(s['bytes'])})"]
         for i, g in enumerate(e["param_groups"]):
             lines.append(f"  group {i}: " + ", ".join(f"{k}={v}" for k, v in g.items()))
         return lines
@@ -313,14 +313,6 @@ def _plain(v: Any) -> Any:
 def _short(v: Any) -> str:
     t = v.get("tensor") if isinstance(v, Mapping) and len(v) == 1 else None
     if isinstance(t, Mapping) and set(t) == {"shape", "dtype", "bytes"} and type(t["bytes"]) is int:
-        return f"tensor {t['shape']} {t['dtype']} {_size(t['bytes'])}"  # _plain's tensor (or a value just like it)
+        return f"tensor {t['shape']} {t['dtype']} {modelfiles.size_text(t['bytes'])}"  # _plain's tensor (or a value just like it)
     text = json.dumps(v) if not isinstance(v, str) else v
     return text if len(text) <= 200 else text[:197] + "..."
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "kB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n} B"

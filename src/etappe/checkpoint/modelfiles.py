@@ -641,13 +641,13 @@ def format_lines(info: Mapping[str, Any]) -> list[str]:
                                                    info["dynamic_sizes"].items()))
     weights = info.get("weights", [])
     lines.append(f"weights: {info['parameters']:,} parameters, {info['buffers']:,} buffer values, "
-                 f"{len(weights)} tensors, {_size(info['weights_bytes'])}")
+                 f"{len(weights)} tensors, {size_text(info['weights_bytes'])}")
     if info.get("counted"):
         lines.append(f"  ({info['counted']})")
     if info.get("own_setstate"):
         lines.append(f"  ({', '.join(info['own_setstate'])}: restored by the class's own __setstate__, which runs "
                      "only with --trust; its tensors are listed as 'state', not counted)")
-    lines += [f"  {w['name']}\t{w['shape']}\t{w['dtype']}\t{_size(w['bytes'])}\t{w['role']}" for w in weights]
+    lines += [f"  {w['name']}\t{w['shape']}\t{w['dtype']}\t{size_text(w['bytes'])}\t{w['role']}" for w in weights]
     lines.append(info["next_step"])
     return lines
 
@@ -664,7 +664,8 @@ def _value(v: Mapping[str, Any]) -> str:
     return " ".join(parts)
 
 
-def _size(n: int) -> str:
+def size_text(n: int) -> str:
+    """A byte count for people: 512 B, 1.5 kB, 3.2 MB, 1.0 GB."""
     for unit in ("B", "kB", "MB", "GB"):
         if n < 1000 or unit == "GB":
             return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
