@@ -21,6 +21,7 @@ from etappe.checkpoint.errors import TrustError
 from etappe.comparison import (CLOSE, DIFFERS, DTYPE, EQUAL, ONLY_A, ONLY_B, SHAPE, compare_leaves, leaves,
                                pair_entries, wrapper_prefixes)
 from etappe.errors import UsageError
+from etappe.cli import main
 from tests.conftest import run_cli
 
 
@@ -162,6 +163,17 @@ def test_nan_in_the_same_places_is_equal_elsewhere_not(tmp_path):
     assert differing(result) == [("model/w", DIFFERS)] and math.isnan(result.differences[0].max_abs)
 
 
+
+def test_a_zero_of_the_other_sign_is_not_equal_but_within_any_atol(tmp_path):
+    """Equal is bit-equal: -0.0 and 0.0 differ in a bit (and in 1 / x), so they are not equal; their largest
+    absolute difference is 0, so with --atol they are close."""
+    safetensors.torch.save_file({"w": torch.zeros(3)}, tmp_path / "z.safetensors")
+    safetensors.torch.save_file({"w": -torch.zeros(3)}, tmp_path / "nz.safetensors")
+    result = etappe.diff(tmp_path / "z.safetensors", tmp_path / "nz.safetensors")
+    assert differing(result) == [("model/w", DIFFERS)] and result.differences[0].max_abs == 0
+    assert result.exit_code == 1 and "bits differ" in result.summary()
+    assert etappe.diff(tmp_path / "z.safetensors", tmp_path / "nz.safetensors", atol=0.0).exit_code == 0
+
 def test_atol_calls_small_differences_close(tmp_path):
     sd = make_net().state_dict()
     bumped = {k: (v + 1e-4 if v.is_floating_point() else v) for k, v in sd.items()}
@@ -210,6 +222,49 @@ def test_onnx_initializers_and_pt2_weights_are_read_as_data(tmp_path):
     result = etappe.diff(tmp_path / "m.pt2", tmp_path / "sd.pt")
     assert result.a_format == "torch.export program" and result.equal, result.summary()
 
+
+
+def test_an_onnx_graphs_integer_constants_are_not_weights_and_damaged_initializers_are_one_error(tmp_path, capsys):
+    """An exporter keeps a reshape's shape as an int64 initializer: not a weight, so a model against its ONNX file
+    is equal on the weights alone. An initializer whose data does not fit its dims is one error line, exit 2."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import helper, numpy_helper
+
+    sd = {k: v for k, v in make_net().state_dict().items() if k.startswith("3.")}
+    inits = [numpy_helper.from_array(v.numpy(), name=k) for k, v in sd.items()]
+    inits.append(numpy_helper.from_array(np.array([2, -1], dtype=np.int64), name="val_7"))
+    graph = helper.make_graph([helper.make_node("Reshape", ["x", "val_7"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 2])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 2])], initializer=inits)
+    onnx.save(helper.make_model(graph), str(tmp_path / "m.onnx"))
+    torch.save(sd, tmp_path / "sd.pt")
+    assert etappe.diff(tmp_path / "m.onnx", tmp_path / "sd.pt").equal
+
+    bad = onnx.TensorProto(name="w", data_type=onnx.TensorProto.FLOAT, dims=[2**30, 2**30], raw_data=b"\0" * 4)
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])], initializer=[bad])
+    onnx.save(helper.make_model(graph), str(tmp_path / "huge.onnx"))
+    assert main(["diff", str(tmp_path / "huge.onnx"), str(tmp_path / "huge.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert "initializer 'w' cannot be read" in err and "Traceback" not in err
+
+
+def test_a_safetensors_header_listing_more_tensors_than_a_model_writes_is_refused_before_parsing(tmp_path):
+    """A header within safetensors' 100 MB limit can list over a million empty tensors, each of which then costs
+    every reader; past tensorfile.MAX_TENSORS the file is refused, by diff, inspect and load alike."""
+    import json
+    import struct
+
+    from etappe.checkpoint import CheckpointError, tensorfile
+    from etappe.checkpoint.inspection import inspect
+
+    entries = {f"k{i}": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]} for i in range(tensorfile.MAX_TENSORS + 1)}
+    header = json.dumps(entries).encode()
+    (tmp_path / "many.safetensors").write_bytes(struct.pack("<Q", len(header)) + header)
+    for read in (lambda p: etappe.diff(p, p), inspect, etappe.load):
+        with pytest.raises(CheckpointError, match="more than the 200000 tensors"):
+            read(tmp_path / "many.safetensors")
 
 def test_torchscript_weights_are_read_as_data(tmp_path):
     net = make_net().eval()

@@ -344,8 +344,10 @@ def _read_torchscript(path: Path, trusted: bool) -> Side:
 
 
 def _onnx_initializers(path: Path) -> dict[str, torch.Tensor]:
-    """An ONNX model's initializers (its weights, as the exporter named and folded them), parsed as data by the
-    onnx package; nothing in the model runs. Weights kept in external data files are not read."""
+    """An ONNX model's floating-point initializers (its weights, as the exporter named and folded them), parsed as
+    data by the onnx package; nothing in the model runs. Integer and boolean initializers are the graph's own
+    constants (a reshape's shape, an index), not weights, and are left out; weights kept in external data files
+    are not read."""
     try:
         import onnx
         from onnx import numpy_helper
@@ -357,12 +359,26 @@ def _onnx_initializers(path: Path) -> dict[str, torch.Tensor]:
     except Exception as e:  # protobuf's DecodeError and onnx's own, for a damaged file
         raise CheckpointError(f"{path}: not a readable ONNX model: {first_line(e)}") from None
     out = {}
+    floats = _onnx_float_types()
     for init in model.graph.initializer:
         if init.data_location == onnx.TensorProto.EXTERNAL:
             raise UsageError(f"{path}: initializer {init.name[:80]!r} is kept in an external data file, which etappe "
                              "does not read; compare the exported checkpoint or state dict instead")
-        out[init.name] = torch.from_numpy(np.array(numpy_helper.to_array(init)))
+        if init.data_type not in floats:
+            continue
+        try:
+            out[init.name] = torch.from_numpy(np.array(numpy_helper.to_array(init)))
+        except Exception as e:  # data that does not fit its dims or type: a damaged or crafted file
+            raise CheckpointError(f"{path}: initializer {init.name[:80]!r} cannot be read ({first_line(e)[:160]}); "
+                                  "the file is damaged") from None
     return out
+
+
+def _onnx_float_types() -> set[int]:
+    import onnx
+
+    names = ("FLOAT", "DOUBLE", "FLOAT16", "BFLOAT16", "COMPLEX64", "COMPLEX128")
+    return {getattr(onnx.TensorProto, n) for n in names}
 
 
 _PT2_CONFIG = "data/weights/model_weights_config.json"
@@ -529,11 +545,9 @@ _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def _bits_equal(x: torch.Tensor, y: torch.Tensor) -> bool:
-    """Equal as torch.equal says (so -0.0 equals 0.0), or bit for bit (so a NaN equals the same NaN)."""
-    if torch.equal(x, y):
-        return True
+    """Bit for bit: a NaN equals the same NaN, and -0.0 is not 0.0 (they differ in a bit, and in 1 / x)."""
     if not (x.is_floating_point() or x.is_complex()):
-        return False
+        return torch.equal(x, y)
     if x.is_complex():
         x, y = torch.view_as_real(x), torch.view_as_real(y)
     as_int = _INT_OF_SIZE[x.element_size()]
@@ -619,6 +633,8 @@ def _detail(i: Item) -> str:
         change = f"{i.a} -> {i.b}"
         return change + (f", max abs diff {i.max_abs:.4g}" if i.max_abs is not None else "")
     if i.tensor:
+        if i.max_abs == 0:
+            return "max abs diff 0, bits differ (a zero's sign or a NaN's payload)"
         return f"max abs diff {i.max_abs:.4g}" if i.max_abs is not None else "bits differ"
     return f"{i.a} -> {i.b}"
 

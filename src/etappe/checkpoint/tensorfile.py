@@ -33,6 +33,10 @@ _CODES = {
 _DTYPE_OF_CODE = {code: getattr(torch, name) for code, name in _CODES.items() if hasattr(torch, name)}
 _CODE_OF_DTYPE = {dtype: code for code, dtype in _DTYPE_OF_CODE.items()}
 MAX_HEADER = 100_000_000  # the largest header safetensors itself reads
+# Tensors in one file: models hold a few thousand per file, an optimizer's state a few per parameter. A header
+# within MAX_HEADER can still list 1.4 million empty tensors, which then cost every reader (inspect, diff) tens of
+# seconds and gigabytes; past this count a file is refused as one a model would not write.
+MAX_TENSORS = 200_000
 _RAW = "etappe.raw"  # __metadata__ key: {name: {"dtype", "shape"}} for tensors stored as raw bytes
 
 
@@ -187,12 +191,17 @@ def _header(first8: bytes, read, size: int, where: Path) -> tuple[dict, int]:
         )
     if 8 + n > size:
         raise CheckpointError(f"{where}: safetensors header of {n} bytes does not fit in {size} bytes")
+    text = bytes(read(n))
+    check_tensor_count(text, where)
     try:
-        header = json.loads(bytes(read(n)))
+        header = json.loads(text)
     except (ValueError, RecursionError) as e:
         raise CheckpointError(f"{where}: malformed safetensors header: {type(e).__name__}: {str(e)[:200]}") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{where}: malformed safetensors header: a {type(header).__name__}, not an object")
+    if len(header) > MAX_TENSORS + 1:  # + 1: __metadata__
+        raise CheckpointError(f"{where}: safetensors header lists {len(header) - 1} tensors, more than the "
+                              f"{MAX_TENSORS} etappe reads in one file; not a file a model or optimizer writes")
     base = 8 + n
     for name, info in header.items():
         if name == "__metadata__":
@@ -206,6 +215,14 @@ def _header(first8: bytes, read, size: int, where: Path) -> tuple[dict, int]:
         if not 0 <= start <= end <= size - base:
             raise CheckpointError(f"{where}: tensor {name[:80]!r} at bytes {start}..{end} lies outside the file")
     return header, base
+
+
+def check_tensor_count(header: bytes, where: Path) -> None:
+    """CheckpointError if a safetensors header (its JSON bytes) lists more than MAX_TENSORS tensors, counted
+    before parsing: on such a header the parse, and everything after it, is what costs."""
+    if header.count(b"data_offsets") > MAX_TENSORS:
+        raise CheckpointError(f"{where}: safetensors header lists more than the {MAX_TENSORS} tensors etappe reads in "
+                              "one file; not a file a model or optimizer writes")
 
 
 def _info_problem(info) -> str | None:

@@ -134,6 +134,11 @@ def read(path: Path, *, trusted: bool = False) -> Any:
     so it is given an open file)."""
     size, head = sniff(path)
     if is_safetensors(head, size):
+        from etappe.checkpoint import tensorfile
+
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            tensorfile.check_tensor_count(f.read(min(n, tensorfile.MAX_HEADER)), path)
         try:
             return safetensors.torch.load_file(path)
         except Exception as e:  # safetensors raises its own SafetensorError for any malformed file
