@@ -43,7 +43,10 @@ def is_folder(path: Path) -> bool:
         return False
     if any((path / name).exists() or (path / name).is_symlink() for name in (manifest.MANIFEST, "state.json")):
         return False
-    if any(p.name.startswith("shards-") for p in path.iterdir()):
+    try:
+        if any(p.name.startswith("shards-") for p in path.iterdir()):
+            return False
+    except OSError:  # gone, or unreadable, while we look (a checkpoint pruned under a reader): not such a folder
         return False
     return any((path / name).exists() or (path / name).is_symlink() for name in (SINGLE, INDEX))
 
