@@ -22,6 +22,7 @@ import etappe
 from etappe.checkpoint import kinds
 from etappe.errors import UsageError
 from tests.conftest import ROOT
+from tests.test_resume import assert_equal
 
 
 def epoch_batches(loader: etappe.ResumableLoader) -> list[list[int]]:
@@ -186,21 +187,6 @@ def final_state(run_dir: Path) -> dict:
     return etappe.load(run_dir / "final")
 
 
-def assert_same(a, b, where="") -> None:
-    if torch.is_tensor(a):
-        assert torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            assert_same(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
-
-
 @pytest.mark.slow
 def test_own_loop_killed_mid_epoch_resumes_bit_identical(scratch):
     straight = scratch / "straight"
@@ -222,8 +208,8 @@ def test_own_loop_killed_mid_epoch_resumes_bit_identical(scratch):
         resumed_at = int(out.stdout.split("resumed at step ")[1].split()[0])
         assert resumed_at >= saved
         got = final_state(run_dir)
-        assert_same(got["model"], expected["model"], f"model after a kill at step >= {saved} (+{delay:.2f} s)")
-        assert_same(got["optimizer"], expected["optimizer"], f"optimizer after a kill at step >= {saved}")
+        assert_equal(got["model"], expected["model"], f"model after a kill at step >= {saved} (+{delay:.2f} s)")
+        assert_equal(got["optimizer"], expected["optimizer"], f"optimizer after a kill at step >= {saved}")
 
 
 def test_own_loop_stopped_at_a_checkpoint_and_resumed_equals_a_straight_run(scratch):
@@ -234,8 +220,8 @@ def test_own_loop_stopped_at_a_checkpoint_and_resumed_equals_a_straight_run(scra
     run_example(stopped, "--epochs", "1")
     out = run_example(stopped)
     assert "resumed at step 45 (epoch 1, batch 45)" in out.stdout
-    assert_same(final_state(stopped)["model"], final_state(straight)["model"])
-    assert_same(final_state(stopped)["optimizer"], final_state(straight)["optimizer"])
+    assert_equal(final_state(stopped)["model"], final_state(straight)["model"])
+    assert_equal(final_state(stopped)["optimizer"], final_state(straight)["optimizer"])
 
 
 # ---------------------------------------------------------------- runs made by etappe.fit, used from the CLI
@@ -330,7 +316,7 @@ def test_a_fit_run_of_a_registry_model_evaluates_and_resumes_from_the_cli(tmp_pa
 
     straight = fit_run(tmp_path, "straight", 2, "cnn")
     assert straight.returncode == 0, straight.stderr
-    assert_same(latest_model(tmp_path / "stopped"), latest_model(tmp_path / "straight"))
+    assert_equal(latest_model(tmp_path / "stopped"), latest_model(tmp_path / "straight"))
     final = cli(tmp_path, "eval", "stopped", "--json")
     assert final.returncode == 0 and repr(eval_json(final)["loss"]) in straight.stdout, (final.stdout, straight.stdout)
 
@@ -357,7 +343,7 @@ def test_a_fit_run_of_a_custom_module_gets_the_python_hint_and_its_eval_command_
     resumed = fit_run(tmp_path, "custom", 2, "custom")  # what the hint says: the same call again
     assert resumed.returncode == 0, resumed.stderr
     straight = fit_run(tmp_path, "custom-straight", 2, "custom")
-    assert_same(latest_model(tmp_path / "custom"), latest_model(tmp_path / "custom-straight"))
+    assert_equal(latest_model(tmp_path / "custom"), latest_model(tmp_path / "custom-straight"))
 
 
 @pytest.mark.slow
@@ -368,7 +354,7 @@ def test_a_fit_run_of_a_named_factory_resumes_from_the_cli_with_that_name(tmp_pa
     resumed = cli(tmp_path, "resume", "named", "--model", "mynet:Net")
     assert resumed.returncode == 0, resumed.stderr
     straight = fit_run(tmp_path, "named-straight", 2, "named")
-    assert_same(latest_model(tmp_path / "named"), latest_model(tmp_path / "named-straight"))
+    assert_equal(latest_model(tmp_path / "named"), latest_model(tmp_path / "named-straight"))
 
 
 def test_a_trainer_without_a_run_folder_stopped_by_sigterm_says_nothing_was_saved(tmp_path):

@@ -36,24 +36,26 @@ def final_state(run_dir: Path) -> dict:
     return load(path)
 
 
+def assert_equal(x, y, where: str = "") -> None:
+    """Equal all through: tensors bit for bit with their dtypes, dicts by keys, sequences by length, the rest by ==."""
+    if torch.is_tensor(x):
+        assert torch.is_tensor(y) and x.dtype == y.dtype and torch.equal(x, y), where
+    elif isinstance(x, dict):
+        assert isinstance(y, dict) and set(x) == set(y), where
+        for k in x:
+            assert_equal(x[k], y[k], f"{where}.{k}")
+    elif isinstance(x, (list, tuple)):
+        assert len(x) == len(y), where
+        for i, (u, v) in enumerate(zip(x, y)):
+            assert_equal(u, v, f"{where}[{i}]")
+    else:
+        assert x == y, f"{where}: {x!r} != {y!r}"
+
+
 def assert_same_run(a: dict, b: dict) -> None:
     """Model, optimizer, counters and metric history equal; tensors bit for bit."""
-    def compare(x, y, where):
-        if torch.is_tensor(x):
-            assert torch.is_tensor(y) and x.dtype == y.dtype and torch.equal(x, y), where
-        elif isinstance(x, dict):
-            assert isinstance(y, dict) and set(x) == set(y), where
-            for k in x:
-                compare(x[k], y[k], f"{where}.{k}")
-        elif isinstance(x, (list, tuple)):
-            assert len(x) == len(y), where
-            for i, (u, v) in enumerate(zip(x, y)):
-                compare(u, v, f"{where}[{i}]")
-        else:
-            assert x == y, f"{where}: {x!r} != {y!r}"
-
-    compare(a["model"], b["model"], "model")
-    compare(a["optimizer"], b["optimizer"], "optimizer")
+    assert_equal(a["model"], b["model"], "model")
+    assert_equal(a["optimizer"], b["optimizer"], "optimizer")
     for key in ("epoch", "step", "batches_done_in_epoch", "best_metric", "epochs_without_improvement"):
         assert a["progress"][key] == b["progress"][key], key
     strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]  # noqa: E731
@@ -62,8 +64,8 @@ def assert_same_run(a: dict, b: dict) -> None:
     # user scripts here, so they differ between any two processes) and the epoch sums.
     assert len(a["per_rank"]["ranks"]) == len(b["per_rank"]["ranks"])
     for i, (x, y) in enumerate(zip(a["per_rank"]["ranks"], b["per_rank"]["ranks"])):
-        compare(x["rng"]["torch"], y["rng"]["torch"], f"per_rank[{i}].rng.torch")
-        compare({k: v for k, v in x.items() if k != "rng"}, {k: v for k, v in y.items() if k != "rng"}, f"per_rank[{i}]")
+        assert_equal(x["rng"]["torch"], y["rng"]["torch"], f"per_rank[{i}].rng.torch")
+        assert_equal({k: v for k, v in x.items() if k != "rng"}, {k: v for k, v in y.items() if k != "rng"}, f"per_rank[{i}]")
 
 
 def start(args: list[str], cwd: Path) -> subprocess.Popen:
