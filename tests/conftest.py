@@ -38,3 +38,6 @@ def scratch(tmp_path):
         shutil.rmtree(path, ignore_errors=True)
     else:
         yield tmp_path
+
+
+from s3server import s3, s3_server  # noqa: E402,F401  (the moto fixture for the object-store tests)

@@ -191,7 +191,7 @@ OPTION_VALUES = {
     "patience": st.none() | st.integers(1, 9), "run_dir": st.none() | st.sampled_from(["runs/a", "b"]),
     "save_every": st.none() | st.integers(1, 99), "save_every_seconds": st.none() | st.floats(0.5, 99),
     "keep_last": st.integers(0, 5), "keep_best": st.integers(0, 5), "async_save": st.booleans(),
-    "progress": st.booleans(), "quiet": st.booleans(), "tensorboard": st.booleans(),
+    "progress": st.booleans(), "plot": st.booleans(), "quiet": st.booleans(), "tensorboard": st.booleans(),
 }
 
 

@@ -17,6 +17,7 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any, Iterator, NoReturn, Sequence
 
+from etappe import rundir
 from etappe.config import LOSSES, METRICS, OPTIMIZERS, SCHEDULERS, ConfigValueError, TrainConfig, read_toml
 from etappe.errors import EtappeError, UsageError
 
@@ -122,10 +123,13 @@ def _config_from_args(args: argparse.Namespace, base: dict | None = None) -> tup
         raise
 
 
-def _saved_config(run_dir: Path) -> dict | None:
+def _saved_config(run_dir: Path | str) -> dict | None:
     """The run's config.json, read without following a link and bounded in size; None if there is none."""
     from etappe.checkpoint.reading import read_json
 
+    if rundir.is_url(run_dir):
+        return rundir.read_json(rundir.join(run_dir, "config.json"), "a JSON object of config keys",
+                                "restore it, or start a new run with another --run-dir")
     if not run_dir.is_dir():
         return None
     return read_json(run_dir, "config.json", "a JSON object of config keys",
@@ -141,15 +145,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         while Path(f"{run_dir}-{n}").exists():
             n += 1
         config = config.replace(run_dir=f"{run_dir}-{n}")
-    elif run_dir.exists() and _saved_config(run_dir) is not None:
+    elif (rundir.is_url(run_dir) or run_dir.exists()) and _saved_config(run_dir) is not None:
         return _resume(run_dir, args)
     return _train(config, allow_config_change=args.allow_config_change)
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    run_dir = Path(args.run)
+    run_dir = rundir.location(args.run)
     if _saved_config(run_dir) is None:
-        if (run_dir / "checkpoints").is_dir():  # made in Python (etappe.fit, Trainer) from objects the CLI cannot rebuild
+        if rundir.has_checkpoints(run_dir):  # made in Python (etappe.fit, Trainer) from objects the CLI cannot rebuild
             raise UsageError(
                 f"{run_dir} was trained in Python with a model or data the command line cannot rebuild (no config.json); "
                 f"resume it in Python: call the same etappe.fit(..., run_dir={str(run_dir)!r}) (or Trainer.fit) again")
@@ -167,7 +171,7 @@ def _resume(run_dir: Path, args: argparse.Namespace) -> int:
     saved["run_dir"] = str(run_dir)
     saved = as_trained(saved)  # keys an older etappe did not save, as they were then
     try:
-        TrainConfig.from_dict(saved, source=run_dir / "config.json")
+        TrainConfig.from_dict(saved, source=rundir.join(run_dir, "config.json"))
     except UsageError as exc:  # a file of the run's, not this command's input
         raise EtappeError(f"{exc}; restore the file, or start a new run with another --run-dir") from None
     config, _ = _config_from_args(args, base=saved)
@@ -185,7 +189,6 @@ def _train(config: TrainConfig, allow_config_change: bool) -> int:
 
     start = time.perf_counter()
     from etappe.build import build_run, make_trainer
-    from etappe.checkpoint.fsio import atomic_write_bytes
     from etappe.checkpoint.sharded import full_state_dict
     from etappe.loop import evaluate
 
@@ -196,8 +199,8 @@ def _train(config: TrainConfig, allow_config_change: bool) -> int:
     # before config.json is rewritten.
     trainer.resume(epochs=config.epochs)
     if trainer.main:
-        with _writing(run_dir / "config.json"):
-            atomic_write_bytes(run_dir / "config.json", (json.dumps(run.saved_config(), indent=2) + "\n").encode())
+        with _writing(rundir.join(run_dir, "config.json")):
+            rundir.write_bytes(rundir.join(run_dir, "config.json"), (json.dumps(run.saved_config(), indent=2) + "\n").encode())
         if not config.quiet:
             print(f"Training {config.model} on {config.data} ({len(run.data.train)} train / {len(run.data.test)} test "
                   f"samples) on {trainer.device}; run folder {run_dir}", flush=True)
@@ -211,7 +214,7 @@ def _train(config: TrainConfig, allow_config_change: bool) -> int:
             result = evaluate(model, run.data.test, run.loss_fn)
             state = full_state_dict(model)
         if trainer.main:
-            weights = run_dir / "model.safetensors"
+            weights = rundir.join(run_dir, "model.safetensors")
             with _writing(weights):
                 _save_weights(state, weights)
             acc = f" | test accuracy {100 * result['accuracy']:.2f}%" if "accuracy" in result else ""
@@ -225,16 +228,34 @@ def _train(config: TrainConfig, allow_config_change: bool) -> int:
     return 0
 
 
-def _save_weights(state: dict, path: Path) -> None:
+def _save_weights(state: dict, path: Path | str) -> None:
     from safetensors.torch import save as st_save
 
     from etappe.checkpoint import tied
-    from etappe.checkpoint.fsio import atomic_write_bytes
 
-    atomic_write_bytes(path, st_save(tied.untied({k: v.cpu() for k, v in state.items()})))  # every name its own tensor, as any reader expects
+    rundir.write_bytes(path, st_save(tied.untied({k: v.cpu() for k, v in state.items()})))  # every name its own tensor, as any reader expects
+
+
+def _on_copy(handler: Any, args: argparse.Namespace, attr: str, which: str = "latest") -> int:
+    """``handler`` run on a temporary local copy of the run or checkpoint that the URL ``args.<attr>`` names
+    (etappe.rundir.fetched); what it prints and its errors name the URL, never the copy."""
+    import io
+    from contextlib import redirect_stdout
+
+    url = rundir.location(getattr(args, attr), "path")
+    out = io.StringIO()
+    with rundir.fetched(url, which) as copy:
+        try:
+            with redirect_stdout(out):
+                return handler(argparse.Namespace(**{**vars(args), attr: str(copy.path)}))
+        finally:
+            sys.stdout.write(copy.shown(out.getvalue()))
+            sys.stdout.flush()
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    if rundir.looks_like_url(args.path):
+        return _on_copy(cmd_eval, args, "path", args.checkpoint)
     from etappe.build import make_loss
     from etappe.data import load_dataset
     from etappe.export import load_model
@@ -303,6 +324,9 @@ def cmd_plot(args: argparse.Namespace) -> int:
     from etappe.log import read_history
     from etappe.plots import plot_history
 
+    if rundir.looks_like_url(args.run) or rundir.looks_like_url(args.out):
+        return _plot_remote(args)
+
     rows = read_history(Path(args.run))
     if not rows:
         raise EtappeError(f"{args.run}/metrics.jsonl holds no epochs yet; nothing to plot")
@@ -313,7 +337,43 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plot_remote(args: argparse.Namespace) -> int:
+    """``etappe plot`` of a run on an object store (or into one): metrics.jsonl read, curves.png written, as one
+    object each."""
+    import tempfile
+
+    from etappe.log import read_history
+    from etappe.plots import plot_history, render
+
+    if rundir.looks_like_url(args.run):
+        url = rundir.location(args.run)
+        data = rundir.read_object(rundir.join(url, "metrics.jsonl"))
+        if data is None:
+            raise EtappeError(f"{url}/metrics.jsonl does not exist; expected a run folder written by etappe train")
+        with tempfile.TemporaryDirectory(prefix="etappe-plot-") as tmp:  # read by the same rules as a local run's
+            Path(tmp, "metrics.jsonl").write_bytes(data)
+            try:
+                rows = read_history(Path(tmp))
+            except EtappeError as exc:
+                raise EtappeError(str(exc).replace(tmp, url)) from None
+    else:
+        rows = read_history(Path(args.run))
+    if not rows:
+        raise EtappeError(f"{args.run}/metrics.jsonl holds no epochs yet; nothing to plot")
+    out = rundir.location(args.out, "--out") if args.out else rundir.join(rundir.location(args.run), "curves.png")
+    if rundir.is_url(out):
+        kind = out.rsplit(".", 1)[-1].lower() if "." in out.rsplit("/", 1)[-1] else "png"
+        rundir.write_bytes(out, render(rows, kind))
+    else:
+        with _writing(out, "--out"):
+            plot_history(rows, out)
+    print(f"wrote {out}")
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
+    if rundir.looks_like_url(args.path):
+        return _on_copy(cmd_inspect, args, "path")
     from etappe.checkpoint import CheckpointStore, format_inspection, inspect
 
     path = Path(args.path)
@@ -335,6 +395,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_diff(args: argparse.Namespace) -> int:
     from etappe.comparison import diff
 
+    for side in ("a", "b"):  # each URL compared through a local copy of its latest checkpoint
+        if rundir.looks_like_url(getattr(args, side)):
+            try:
+                return _on_copy(cmd_diff, args, side)
+            except EtappeError as exc:
+                if isinstance(exc, UsageError):
+                    raise
+                raise UsageError(str(exc)) from None  # diff: every failure exits 2
+
     try:
         result = diff(args.a, args.b, atol=args.atol, trusted=args.trust)
     except EtappeError as exc:  # 1 says "they differ", so every failure exits 2, as diff(1) and cmp(1) do
@@ -353,6 +422,15 @@ def cmd_diff(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from etappe.checkpoint import CheckpointError, hf, verify_tree
 
+    if rundir.looks_like_url(args.path):  # every checkpoint of a run or store on an object store, by its URL
+        from etappe.checkpoint.objectstore import verify_url
+
+        url = rundir.location(args.path, "path")
+        results = verify_url(url)
+        if not results:
+            raise EtappeError(f"{url}: no checkpoint found (expected a checkpoint, a store or a run on the store)")
+        return _print_verified(results)
+
     if hf.is_folder(Path(args.path)):  # model.safetensors or shards with their index: no manifest, no checksums
         try:
             print(f"ok    {args.path}: {hf.verify(Path(args.path))}")
@@ -363,6 +441,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
     results = verify_tree(args.path)
     if not results:
         raise EtappeError(f"{args.path}: no checkpoint found (expected a checkpoint folder or a run folder)")
+    return _print_verified(results)
+
+
+def _print_verified(results: list[tuple[Any, str | None]]) -> int:
     bad = 0
     for path, error in results:
         if error is None:
@@ -401,6 +483,13 @@ def _positive(kind: type, what: str, example: str) -> Any:
 def cmd_export(args: argparse.Namespace) -> int:
     from etappe.export import FORMATS, ExportError, export_path
 
+    if rundir.looks_like_url(args.out):
+        return _export_to_store(args)
+    if rundir.looks_like_url(args.path):
+        if args.out is None:  # RUN/export/ of a run on a store is on the store too
+            return _export_to_store(argparse.Namespace(**{**vars(args), "out": _default_export_url(args)}))
+        return _on_copy(cmd_export, args, "path", args.checkpoint)
+
     formats = list(FORMATS) if args.format == "all" else [args.format]
     try:
         with _writing(Path(args.out) if args.out else Path(args.path), "--out"):
@@ -416,7 +505,42 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _default_export_url(args: argparse.Namespace) -> str:
+    """RUN/export/model.<suffix> (RUN/export/ for several formats) of a run, or of the run a checkpoint is in."""
+    from etappe.export import FORMATS
+
+    url = rundir.location(args.path, "path")
+    if _saved_config(url) is None and "/checkpoints/" in url:
+        url = url.rsplit("/checkpoints/", 1)[0]
+    folder = rundir.join(url, "export")
+    return folder + "/" if args.format == "all" else rundir.join(folder, "model" + FORMATS[args.format])
+
+
+def _export_to_store(args: argparse.Namespace) -> int:
+    """Export into a temporary folder, then upload each file that passed (and its sidecar), one object each, to
+    ``--out`` on the store: a file for one format, a folder (a URL ending in /) for several."""
+    import io
+    import tempfile
+    from contextlib import redirect_stdout
+
+    folder = args.out.endswith("/") or args.format == "all"
+    out = rundir.location(args.out, "--out")
+    with tempfile.TemporaryDirectory(prefix="etappe-export-") as tmp:
+        local = Path(tmp) if folder else Path(tmp, out.rsplit("/", 1)[-1])
+        printed = io.StringIO()
+        try:
+            with redirect_stdout(printed):
+                code = cmd_export(argparse.Namespace(**{**vars(args), "out": str(local)}))
+        finally:
+            sys.stdout.write(printed.getvalue().replace(str(local), out))
+        for path in sorted(p for p in Path(tmp).rglob("*") if p.is_file()):  # the files that passed, sidecars too
+            rundir.write_bytes(out + str(path)[len(str(local)):], path.read_bytes())
+    return code
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
+    if rundir.looks_like_url(args.model):
+        return _on_copy(cmd_predict, args, "model", args.checkpoint)
     from etappe.predict import format_results, predict
 
     results = predict(args.model, args.inputs, top=args.top, resize=args.resize, which=args.checkpoint,

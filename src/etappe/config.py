@@ -95,8 +95,9 @@ class SaveOptions:
 class ShowOptions:
     """What the run prints and logs."""
 
-    progress: bool = True  # a progress bar per epoch
-    quiet: bool = False  # no epoch lines, no progress bar
+    progress: bool = True  # a progress bar per epoch (on a terminal, or in a notebook)
+    plot: bool = True  # in a notebook, the loss and accuracy curves as one figure updated each epoch
+    quiet: bool = False  # no epoch lines, no progress bar, no curves shown
     tensorboard: bool = False  # also log the epoch metrics to run_dir/tensorboard
 
     def __post_init__(self) -> None:
@@ -153,6 +154,10 @@ class TrainConfig:
         if self.momentum and self.optimizer != "sgd":
             raise UsageError(f"--momentum applies to --optimizer sgd; {self.optimizer} keeps its own moving averages "
                              "(betas): drop --momentum, or use --optimizer sgd")
+        if self.run_dir:  # a URL etappe cannot honour is refused here, never made a local folder of that name
+            from etappe import rundir
+
+            rundir.location(self.run_dir)
         if self.strategy == "fsdp" and self.async_save:
             raise UsageError("--async-save does not apply to --strategy fsdp (sharded state is saved by every rank "
                              "together); drop one of them")
@@ -161,8 +166,11 @@ class TrainConfig:
     def run_name(self) -> str:
         return f"{self.data.replace(':', '_').replace('/', '_')}-{self.model.replace(':', '_')}"
 
-    def resolved_run_dir(self) -> Path:
-        return Path(self.run_dir) if self.run_dir else Path("runs") / self.run_name
+    def resolved_run_dir(self) -> Path | str:
+        """The run folder: a Path, or an s3:// URL as its string (etappe.rundir)."""
+        from etappe import rundir
+
+        return rundir.location(self.run_dir) if self.run_dir else Path("runs") / self.run_name
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -511,4 +519,4 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "tensorboard": _flag(),
 }
 # A Trainer's options hold what a config cannot: any metric to monitor (a metrics_fn's), the order unshuffled.
-_OPTION_CHECKS = {**_CHECKS, "monitor": _text(), "shuffle": _flag(), "progress": _flag()}
+_OPTION_CHECKS = {**_CHECKS, "monitor": _text(), "shuffle": _flag(), "progress": _flag(), "plot": _flag()}

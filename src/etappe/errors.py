@@ -12,6 +12,10 @@ class EtappeError(Exception):
 
     exit_code = 1
 
+    def _render_traceback_(self) -> list[str]:
+        """What IPython shows for it in a notebook: the message, not a traceback (the failure is an expected one)."""
+        return [f"\x1b[0;31m{type(self).__name__}\x1b[0m: {self}"]
+
 
 class UsageError(EtappeError):
     """Bad input from the user: an unknown name, a shape that does not fit, a bad flag value."""

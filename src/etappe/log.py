@@ -38,15 +38,23 @@ def epoch_line(row: dict, epochs: int) -> str:
 
 
 class ProgressBar:
-    """A tqdm bar over the batches of one epoch (batches, loss, samples/s), or nothing when not shown."""
+    """A bar over the batches of one epoch (batches, loss, samples/s), or nothing when not shown: tqdm's on a
+    terminal, a widget or HTML bar in a notebook (etappe.notebook), nothing when stderr is a file or a pipe."""
 
     def __init__(self, total: int, initial: int, epoch: int, epochs: int, show: bool) -> None:
+        from etappe.notebook import in_notebook
+
         self.bar = None
+        desc = f"Epoch {epoch + 1}/{epochs}"
         if show and sys.stderr.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, initial=initial, desc=f"Epoch {epoch + 1}/{epochs}", leave=False,
+            self.bar = tqdm(total=total, initial=initial, desc=desc, leave=False,
                             unit="batch", dynamic_ncols=True, mininterval=0.2)
+        elif show and in_notebook():  # a kernel's stderr is no terminal, yet its front end shows a bar
+            from etappe.notebook import progress_bar as notebook_bar
+
+            self.bar = notebook_bar(total, initial, desc)
         self.last_postfix = 0.0
 
     def update(self, progress: Any, world_size: int) -> None:
@@ -70,8 +78,14 @@ def progress_bar(total: int, initial: int, epoch: int, epochs: int, show: bool) 
     return ProgressBar(total, initial, epoch, epochs, show)
 
 
-def ensure_writable(run_dir: Path) -> None:
-    """Fail before any training when the run folder cannot be created or written."""
+def ensure_writable(run_dir: Path | str) -> None:
+    """Fail before any training when the run folder cannot be created or written (an object store's run: when
+    the store does not answer; its writer lock, taken next, proves it writable)."""
+    from etappe import rundir
+
+    if rundir.is_url(run_dir):
+        rundir.ensure_reachable(run_dir)
+        return
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / f".write-test-{os.getpid()}"
@@ -90,7 +104,7 @@ def write_history(run_dir: Path, history: Any) -> None:
     """metrics.jsonl (one JSON object per epoch) and metrics.csv, rewritten whole from the history."""
     rows = list(history.epochs)
     lines = "".join(json.dumps(row) + "\n" for row in rows)
-    _write_text(run_dir / "metrics.jsonl", lines)
+    _write_text(_join(run_dir, "metrics.jsonl"), lines)
     columns: list[str] = []
     for row in rows:
         columns += [k for k in row if k not in columns]
@@ -98,7 +112,7 @@ def write_history(run_dir: Path, history: Any) -> None:
     writer = csv.DictWriter(buf, fieldnames=columns)
     writer.writeheader()
     writer.writerows(rows)
-    _write_text(run_dir / "metrics.csv", buf.getvalue())
+    _write_text(_join(run_dir, "metrics.csv"), buf.getvalue())
 
 
 def read_history(run_dir: Path) -> list[dict]:
@@ -124,19 +138,58 @@ def read_history(run_dir: Path) -> list[dict]:
     return rows
 
 
-def _write_text(path: Path, text: str) -> None:
-    from etappe.checkpoint.fsio import atomic_write_bytes
+def _join(run_dir: Path | str, name: str) -> Path | str:
+    from etappe import rundir
 
-    atomic_write_bytes(path, text.encode())
-
-
-def plot_curves(run_dir: Path, history: Any) -> Path:
-    from etappe.plots import plot_history
-
-    return plot_history(list(history.epochs), Path(run_dir) / "curves.png")
+    return rundir.join(run_dir, name)
 
 
-def tensorboard_writer(run_dir: Path | None, start_epoch: int) -> Any:
+def _write_text(path: Path | str, text: str) -> None:
+    from etappe import rundir
+
+    rundir.write_bytes(path, text.encode())  # on an object store: one object, one PUT
+
+
+def plot_curves(run_dir: Path | str, history: Any) -> Path | str:
+    from etappe import rundir
+    from etappe.plots import plot_history, render
+
+    if rundir.is_url(run_dir):  # rendered to bytes, written as one object
+        target = rundir.join(run_dir, "curves.png")
+        rundir.write_bytes(target, render(list(history.epochs), "png", getattr(history, "resumed", ())))
+        return target
+    return plot_history(list(history.epochs), Path(run_dir) / "curves.png", getattr(history, "resumed", ()))
+
+
+class NoCurves:
+    """What a run shows of its curves outside a notebook: nothing (curves.png is written at the end)."""
+
+    def update(self, history: Any) -> None:
+        pass
+
+    def close(self, history: Any) -> None:
+        pass
+
+
+def live_curves(show: bool, history: Any) -> Any:
+    """In a notebook (and ``show``), the run's curves as one figure updated at each epoch's end; else nothing."""
+    from etappe.notebook import LiveCurves, in_notebook
+
+    return LiveCurves(history) if show and in_notebook() else NoCurves()
+
+
+def refuse_tensorboard_on(run_dir: Path | str | None) -> None:
+    """TensorBoard appends to its event files as it goes, which an object store cannot do: refused there."""
+    from etappe import rundir
+
+    if rundir.is_url(run_dir):
+        raise UsageError(f"--tensorboard (tensorboard=True) appends to event files, which the object store of "
+                         f"{run_dir} cannot hold; drop it (metrics.jsonl and curves.png are written there), or "
+                         "train into a local --run-dir")
+
+
+def tensorboard_writer(run_dir: Path | str | None, start_epoch: int) -> Any:
+    refuse_tensorboard_on(run_dir)
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:

@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 from torch import nn
 
-from etappe import distributed, log
+from etappe import distributed, log, rundir
 from etappe.checkpoint import sharded
 from etappe.config import OPTION_CLASSES, LoopOptions, SaveOptions, ShowOptions, check_resume, monitor_mode
 from etappe.data.sampler import EpochBatchSampler, ResumableBatches
@@ -340,9 +340,13 @@ class Trainer:
             _check_optimizer_fits(next(iter(self.models.values())), next(iter(self.optimizers.values())))
         self._check_monitor()
         self.progress, self.history = Progress(), History()
-        self.run_dir = Path(self.saving.run_dir) if self.saving.run_dir is not None else None
+        # a local folder, or an s3:// URL (a URL etappe cannot honour is refused here, in one line)
+        self.run_dir = rundir.location(self.saving.run_dir) if self.saving.run_dir is not None else None
+        if self.show.tensorboard:
+            log.refuse_tensorboard_on(self.run_dir)
         self.store = None
-        self.resumed_from: Path | None = None
+        self.resumed_from: Path | str | None = None
+        self._resumed_at: float | None = None  # where the run was resumed, in epochs done (History.resumed)
         self._started = False
 
     def _dataset_of(self, data: Any) -> tuple[Any, Callable]:
@@ -406,10 +410,8 @@ class Trainer:
                                           self.scaler)
         if self.run_dir is not None:
             log.ensure_writable(self.run_dir)
-            from etappe.checkpoint import CheckpointStore
-
-            self.store = CheckpointStore(
-                self.run_dir / "checkpoints", keep_last=self.saving.keep_last, keep_best=self.saving.keep_best,
+            self.store = rundir.open_store(  # RUN/checkpoints, on a local disk or an object store
+                self.run_dir, keep_last=self.saving.keep_last, keep_best=self.saving.keep_best,
                 monitor=loop.monitor, mode=monitor_mode(loop.monitor), async_save=self.saving.async_save,
             )
         if not self.deterministic and not self.quiet:
@@ -466,6 +468,10 @@ class Trainer:
             if not self.quiet:
                 log.info(f"{self.run_dir} stopped early after epoch {p.epoch} ({self.loop.monitor} no longer improved)")
             return self.history
+        if self._resumed_at is not None and p.epoch < epochs:  # the curves mark it once training goes on from it
+            self.history.mark_resumed(self._resumed_at)
+            self._resumed_at = None
+        curves = log.live_curves(self.show.plot and not self.quiet, self.history)  # in a notebook: one figure
         with self._writing() as tensorboard, preemption_guard() as preempt:
             last_save = time.monotonic()
             while p.epoch < epochs:
@@ -498,6 +504,7 @@ class Trainer:
                         last_save = time.monotonic()
                 bar.close()
                 row = self._end_epoch(epochs)
+                curves.update(self.history)
                 if tensorboard is not None:
                     log.tensorboard_row(tensorboard, row)
                 p.stopped_early = self._should_stop_early(row)  # before the save, so the checkpoint holds it
@@ -510,16 +517,25 @@ class Trainer:
         if self.run_dir is not None and self.main:
             log.write_history(self.run_dir, self.history)
             log.plot_curves(self.run_dir, self.history)
+        curves.close(self.history)
         return self.history
 
     def _stopped(self, signal_name: str, path: Path | None) -> str:
         """What the run says when a signal stopped it: what was saved, and the one way to resume it that works."""
         p, run = self.progress, self.run_dir
+        from etappe.notebook import in_notebook
+
+        if in_notebook():  # the kernel's interrupt button: the cell is what the user runs, not a command
+            if run is None:
+                return (f"interrupted ({signal_name}) at step {p.step} (epoch {p.epoch + 1}); nothing was saved, as "
+                        "no run_dir was given: pass run_dir= to checkpoint, and to continue by running the cell again")
+            return (f"interrupted ({signal_name}): saved step {p.step} to {path or rundir.join(run, 'checkpoints')}; run this cell "
+                    "again to continue from there (the same call, with the same run_dir)")
         if run is None:
             return (f"{signal_name} received: stopped at step {p.step} (epoch {p.epoch + 1}); nothing was saved, as "
                     "this Trainer has no run_dir: give it run_dir= to checkpoint, resume and stop safely")
-        said = f"{signal_name} received: saved step {p.step} to {path or run / 'checkpoints'}"  # rank 0 knows the path
-        if (run / "config.json").is_file():  # what etappe resume reads: the CLI can rebuild it
+        said = f"{signal_name} received: saved step {p.step} to {path or rundir.join(run, 'checkpoints')}"  # rank 0 knows the path
+        if rundir.is_file(rundir.join(run, "config.json")):  # what etappe resume reads: the CLI can rebuild it
             from etappe.models import MODELS
 
             model = self.config.get("model")  # a module:factory read from the file needs naming (or --trust)
@@ -693,7 +709,7 @@ class Trainer:
             distributed.barrier()
         return path
 
-    def resume(self, path: str | Path | None = None, *, epochs: int | None = None) -> Path | None:
+    def resume(self, path: str | Path | None = None, *, epochs: int | None = None) -> Path | str | None:
         """Restore the newest valid checkpoint of the run folder (or ``path``). Returns what was loaded.
 
         Before anything is restored into the objects, the checkpoint's config is compared with this Trainer's
@@ -713,7 +729,7 @@ class Trainer:
                 self.store.close()  # a refused resume lets go of the folder: a corrected call may take it again
             raise
 
-    def _resume(self, path: str | Path | None, epochs: int | None) -> Path | None:
+    def _resume(self, path: str | Path | None, epochs: int | None) -> Path | str | None:
         if path is None:
             if self.main:
                 try:
@@ -724,10 +740,28 @@ class Trainer:
             path = distributed.broadcast_object(self.store.latest() if self.main else None)
             if path is None:
                 return None
+        given = path
+        with rundir.local_copy(path) as path:  # a checkpoint on an object store: fetched, then read as a local one
+            self._restore(path, epochs)
+        path = given if rundir.looks_like_url(given) else path
+        if self.per_rank.world_size_changed and self.main:
+            log.warn(
+                f"{path} was written by another number of ranks than the {self.world_size} resuming it: training "
+                "continues from it, but not bit-exact (the random states per rank differ)"
+            )
+        self.resumed_from = path
+        p = self.progress
+        self._resumed_at = p.epoch + p.batches_done_in_epoch / max(len(self.batches), 1)
+        if not self.quiet:
+            p = self.progress
+            where = self.run_dir if self.run_dir is not None else path
+            log.info(f"Resuming {where} from step {p.step} (epoch {p.epoch + 1}, batch {p.batches_done_in_epoch})")
+        return self.resumed_from
+
+    def _restore(self, path: Path, epochs: int | None) -> None:
         from etappe.checkpoint import load
         from etappe.checkpoint.folder import read, restore
 
-        path = Path(path)
         if path.is_dir():  # an etappe checkpoint: read and verified once, checked, then restored
             entries = read(path)
             saved_config = entries.get("config") if isinstance(entries.get("config"), Mapping) else {}
@@ -744,17 +778,6 @@ class Trainer:
             saved_config, differences = {}, []
         if differences:  # allowed: what changed applies from here
             self._apply_changed_hyperparameters(saved_config)
-        if self.per_rank.world_size_changed and self.main:
-            log.warn(
-                f"{path} was written by another number of ranks than the {self.world_size} resuming it: training "
-                "continues from it, but not bit-exact (the random states per rank differ)"
-            )
-        self.resumed_from = path
-        if not self.quiet:
-            p = self.progress
-            where = self.run_dir if self.run_dir is not None else path
-            log.info(f"Resuming {where} from step {p.step} (epoch {p.epoch + 1}, batch {p.batches_done_in_epoch})")
-        return self.resumed_from
 
     def _refuse_fewer_epochs(self, done: int, epochs: int) -> None:
         # Training on is what a repeated call asks for; a model of fewer epochs than the run has done cannot be
@@ -1028,9 +1051,7 @@ def fit(model: nn.Module, train_data: Any, *, epochs: int, model_name: str | Non
     if trainer.main:
         import json
 
-        from etappe.checkpoint.fsio import atomic_write_bytes
-
-        atomic_write_bytes(trainer.run_dir / "config.json", (json.dumps(config, indent=2) + "\n").encode())
+        rundir.write_bytes(rundir.join(trainer.run_dir, "config.json"), (json.dumps(config, indent=2) + "\n").encode())
     return trainer.fit(epochs)
 
 
@@ -1047,7 +1068,7 @@ def _cli_config(trainer: Trainer, data: Any, model_name: str | None, model_kwarg
         raise UsageError("model_kwargs are the keyword arguments of model_name's factory: give model_name too")
     if trainer.run_dir is None or data is None:
         return None
-    if (trainer.run_dir / "checkpoints").is_dir() and not (trainer.run_dir / "config.json").is_file():
+    if rundir.has_checkpoints(trainer.run_dir) and not rundir.is_file(rundir.join(trainer.run_dir, "config.json")):
         return None  # a run fit made before it wrote config.json: its checkpoints hold the derived config
     (model,) = trainer.models.values() if len(trainer.models) == 1 else (None,)
     optimizer = trainer.optimizers.get("optimizer")

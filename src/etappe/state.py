@@ -6,6 +6,7 @@ history, the random generators) and ``unwrap`` for wrapped modules.
 
 from __future__ import annotations
 
+import math
 import random
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
@@ -63,25 +64,127 @@ class Progress:
 
 
 class History:
-    """One dict per finished epoch (train_loss, val_loss, val_accuracy, lr, seconds, samples_per_s, ...)."""
+    """The metric history of a run: one plain dict per finished epoch (epoch, step, train_loss, val_loss,
+    val_accuracy, lr, seconds, samples_per_s, ...), and where the run was resumed.
+
+    ``history[-1]`` is the last epoch's row, ``history.best("val_loss")`` the best one; in a notebook it shows
+    as a table. ``resumed`` holds the positions, in epochs done (2.5: half-way through epoch 3), at which the
+    run was resumed from a checkpoint; the curves mark them."""
 
     def __init__(self) -> None:
         self.epochs: list[dict] = []
+        self.resumed: list[float] = []
 
     def append(self, row: dict) -> None:
         self.epochs.append(row)
+
+    def mark_resumed(self, position: float) -> None:
+        self.resumed.append(float(position))
 
     def __len__(self) -> int:
         return len(self.epochs)
 
     def __getitem__(self, i: int) -> dict:
-        return self.epochs[i]
+        return dict(self.epochs[i])  # a copy: changing it leaves the run's history (and its checkpoints) alone
+
+    def __iter__(self) -> Iterator[dict]:
+        return (dict(row) for row in self.epochs)
+
+    @property
+    def rows(self) -> list[dict]:
+        """The epochs as a list of plain dicts (copies), e.g. for ``pandas.DataFrame(history.rows)``."""
+        return [dict(row) for row in self.epochs]
+
+    def best(self, metric: str = "val_loss", mode: str | None = None) -> dict:
+        """The row of the epoch where ``metric`` was best: the lowest for ``mode="min"``, the highest for
+        ``"max"``; by default the highest for a metric whose name holds "acc" (val_accuracy), else the lowest,
+        as ``monitor`` judges. The first such epoch on a tie; epochs without the metric are passed over."""
+        from etappe.config import monitor_mode
+
+        mode = monitor_mode(metric) if mode is None else mode
+        if mode not in ("min", "max"):
+            raise UsageError(f"best(..., mode={mode!r}): expected 'min' or 'max'")
+        scored = [row for row in self.epochs if _number(row.get(metric)) and not math.isnan(row[metric])]
+        if not scored:
+            known = sorted({k for row in self.epochs for k, v in row.items() if _number(v)})
+            raise UsageError(f"no epoch of this history has {metric!r}" + (
+                f"; its metrics are: {', '.join(known)}" if known else ": it holds no epochs yet"))
+        pick = min if mode == "min" else max
+        return dict(pick(scored, key=lambda row: row[metric]))
+
+    def columns(self) -> list[str]:
+        """Every key of the rows, in the order they first appear."""
+        out: list[str] = []
+        for row in self.epochs:
+            out += [k for k in row if k not in out]
+        return out
+
+    def __repr__(self) -> str:
+        if not self.epochs:
+            return "History(no epochs yet)"
+        columns = self.columns()
+        rows = [[_shown(row.get(c), c) for c in columns] for row in _elided(self.epochs)]
+        widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
+        lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths))]
+        lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in rows]
+        return f"History({len(self.epochs)} epochs{_resumed_note(self.resumed)})\n" + "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        import html
+
+        columns = self.columns()
+        head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(_shown(row.get(c), c))}</td>" for c in columns) + "</tr>"
+                       for row in _elided(self.epochs))
+        caption = f"History: {len(self.epochs)} epochs{_resumed_note(self.resumed)}"
+        return (f"<table class=\"etappe-history\"><caption style=\"text-align:left\">{html.escape(caption)}</caption>"
+                f"<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
 
     def state_dict(self) -> dict:
-        return {"epochs": [dict(row) for row in self.epochs]}
+        state: dict = {"epochs": [dict(row) for row in self.epochs]}
+        if self.resumed:  # only then: an uninterrupted run's checkpoints stay as they were
+            state["resumed"] = list(self.resumed)
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.epochs = [dict(row) for row in state["epochs"]]
+        self.resumed = [float(x) for x in state.get("resumed", [])]
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _shown(value: object, column: str = "") -> str:
+    """A value of a history row as a table shows it: losses and rates to 4 decimals (tiny ones in e-notation),
+    seconds to 0.1, samples/s whole; nothing for a missing one."""
+    if value is None:
+        return ""
+    if not isinstance(value, float):
+        return str(value)
+    if column == "seconds":
+        return f"{value:.1f}"
+    if column == "samples_per_s":
+        return f"{value:,.0f}"
+    if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e5) or column == "lr":
+        return f"{value:.4g}"
+    return f"{value:.4f}"
+
+
+_SHOWN_ROWS = 20  # a longer history shows its first and last ten epochs
+
+
+def _elided(rows: list[dict]) -> list[dict]:
+    if len(rows) <= _SHOWN_ROWS:
+        return rows
+    half = _SHOWN_ROWS // 2
+    return [*rows[:half], {"epoch": "..."}, *rows[-half:]]
+
+
+def _resumed_note(resumed: list[float]) -> str:
+    if not resumed:
+        return ""
+    return "; resumed at epoch " + ", ".join(f"{x:g}" for x in resumed)
 
 
 class RandomState:

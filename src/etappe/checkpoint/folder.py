@@ -34,6 +34,12 @@ def save(path: str | os.PathLike, /, **objects: Any) -> Path:
     bytes, list, tuple, dict, tensor or numpy array. An existing checkpoint at ``path`` is replaced, and stays
     valid until the new one is complete. Raises CheckpointError on any failure; nothing is left half-written.
     """
+    from etappe import rundir
+
+    if rundir.looks_like_url(path):  # no rename on an object store: its commit is a store's (one manifest PUT)
+        url = rundir.location(path, "checkpoint")
+        raise UsageError(f"etappe.save writes a local folder; {url} is on an object store: save there through its "
+                         "store, etappe.checkpoint.objectstore.open_store(ROOT).save(step, objects)")
     return write(Path(path), objects)
 
 
@@ -57,6 +63,11 @@ def load(path: str | os.PathLike, /, *, trusted: bool = False, strict: bool = Tr
         raise UsageError(f"strict: expected True or False, got a {type(strict).__name__}; strict is load()'s own "
                          "option, so an entry named 'strict' is not restored by name: take it from the result, "
                          "obj.load_state_dict(etappe.load(path)['strict'])")
+    from etappe import rundir
+
+    if rundir.looks_like_url(path):  # a checkpoint on an object store: fetched, verified and loaded as a local one
+        with rundir.local_copy(path) as local:
+            return load(local, trusted=trusted, strict=strict, **objects)
     path = Path(path)
     if path.is_file():
         return torchsave.load(path, objects, trusted=trusted, strict=strict)
@@ -72,6 +83,19 @@ def verify(path: str | os.PathLike, *, step: int | None = None) -> None:
     A plain torch.save file is checked against the CRC-32s its zip archive holds; a Hugging Face style folder,
     which has no checksums, by its index and each file's safetensors header and size (``hf.verify``).
     """
+    from etappe import rundir
+
+    if rundir.looks_like_url(path):  # a checkpoint on an object store, checked where it is
+        from etappe.checkpoint.objectstore import verify_url
+
+        url = rundir.location(path, "checkpoint")
+        results = verify_url(url)
+        if not results:
+            raise CheckpointError(f"{url}: no checkpoint found there")
+        problem = next((p for _, p in results if p), None)
+        if problem:
+            raise CheckpointError(problem)
+        return None
     path = Path(path)
     if path.is_file():
         return torchsave.verify(path)

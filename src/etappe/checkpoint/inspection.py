@@ -34,6 +34,11 @@ def inspect(path: str | os.PathLike, *, trusted: bool = False) -> dict[str, Any]
     """A JSON-able description of checkpoint ``path`` (an etappe checkpoint folder or a plain file). Anything
     malformed raises CheckpointError naming the file. A TorchScript, .pt2 or ONNX file is described by
     ``modelfiles.describe`` (inputs, outputs, weights), without running it, ``trusted`` or not."""
+    from etappe import rundir
+
+    if rundir.looks_like_url(path):  # a checkpoint on an object store: described from a local copy
+        with rundir.local_copy(path) as local:
+            return inspect(local, trusted=trusted)
     path = Path(path)
     if path.is_file():
         return _inspect_file(path, trusted)

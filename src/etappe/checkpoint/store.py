@@ -84,6 +84,12 @@ class CheckpointStore:
             raise UsageError(f"mode must be 'min' or 'max', got {mode!r}")
         if keep_best is not None and monitor is None:
             raise UsageError("keep_best needs monitor, the name of the metric to rank checkpoints by")
+        from etappe import rundir
+
+        if rundir.looks_like_url(root):  # never a local folder named "s3:"
+            url = rundir.location(root, "store root")
+            raise UsageError(f"CheckpointStore keeps checkpoints in a local folder; {url} is on an object store: use "
+                             "etappe.checkpoint.objectstore.open_store(root, ...), the same interface")
         self.root = Path(root)
         self.keep_last, self.keep_best, self.keep_every = keep_last, keep_best, keep_every
         self.monitor, self.mode = monitor, mode
@@ -364,6 +370,12 @@ def verify_tree(path: str | os.PathLike) -> list[tuple[Path, str | None]]:
     checkpoint pruned while this runs is left out. Raises
     CheckpointError if there is nothing to check.
     """
+    from etappe import rundir
+
+    if rundir.looks_like_url(path):  # a run, store or checkpoint on an object store, checked where it is
+        from etappe.checkpoint.objectstore import verify_url
+
+        return verify_url(rundir.location(path, "path"))
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder")
