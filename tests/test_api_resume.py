@@ -134,3 +134,53 @@ def test_a_change_of_optimizer_type_is_refused_even_when_allowed(tmp_path):
     fit(tmp_path / "run")
     with pytest.raises(UsageError, match="new run folder"):
         fit(tmp_path / "run", epochs=3, optimizer="adam", allow_config_change=True)
+
+
+def test_a_run_stopped_inside_the_next_epoch_refuses_the_epochs_it_has_passed(tmp_path):
+    # stopped by a real SIGINT (a notebook's interrupt button) during epoch 2: epochs=1 would return a model
+    # trained past epoch 1 under epoch 1's history
+    import os
+    import signal
+
+    calls = [0]
+
+    def loss_fn(out, y):
+        calls[0] += 1
+        if calls[0] == 8:  # the second batch of epoch 2 (6 batches an epoch)
+            os.kill(os.getpid(), signal.SIGINT)
+        return nn.functional.cross_entropy(out, y)
+
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    with pytest.raises(etappe.Preempted):
+        etappe.fit(model, data(), epochs=3, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), loss_fn=loss_fn,
+                   batch_size=8, run_dir=tmp_path / "run", progress=False, quiet=True)
+    with pytest.raises(UsageError) as refused:
+        etappe.fit(model, data(), epochs=1, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), loss_fn=loss_fn,
+                   batch_size=8, run_dir=tmp_path / "run", progress=False, quiet=True)
+    assert "has 1 epochs and 2 batches of epoch 2 done; epochs=1 asks for fewer" in str(refused.value)
+    assert "Ask for 2 or more" in str(refused.value)
+
+
+def test_an_interrupt_after_the_last_step_lets_the_run_finish(tmp_path, capsys):
+    # a real SIGINT while the last epoch is validated (after its last step): nothing is left to stop, so the run
+    # completes and says so, instead of a KeyboardInterrupt from whatever was running then
+    import os
+    import signal
+
+    calls = [0]
+
+    def loss_fn(out, y):
+        calls[0] += 1
+        if calls[0] == 2 * 7:  # each epoch: 6 steps, then validation in one batch; this is epoch 2's validation
+            os.kill(os.getpid(), signal.SIGINT)
+        return nn.functional.cross_entropy(out, y)
+
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    history = etappe.fit(model, data(), epochs=2, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                         loss_fn=loss_fn, val_data=data(), batch_size=8, run_dir=tmp_path / "run",
+                         progress=False)
+    assert calls[0] == 14 and [r["epoch"] for r in history] == [1, 2]
+    assert "SIGINT arrived after the last step: the run is complete" in capsys.readouterr().out
+    assert (tmp_path / "run" / "metrics.jsonl").is_file()

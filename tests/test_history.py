@@ -53,6 +53,11 @@ def test_rows_are_plain_dict_copies_and_index_like_a_list():
     h[-1]["train_loss"] = 99.0  # a copy: the history itself is unchanged
     assert h[-1]["train_loss"] == 0.5 and h.rows[-1]["train_loss"] == 0.5
     assert [r["epoch"] for r in h] == [1, 2, 3] and len(h) == 3
+    assert [r["epoch"] for r in h[1:3]] == [2, 3] and all(type(r) is dict for r in h[:])
+    with pytest.raises(IndexError, match=r"history\[5\]: this history has 3 epochs"):
+        h[5]
+    with pytest.raises(UsageError, match="expected a metric's name"):
+        h.best(None)
 
 
 def test_best_takes_the_lowest_loss_and_the_highest_accuracy_and_names_what_it_has():

@@ -11,6 +11,7 @@ import shutil
 import signal
 import textwrap
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -90,8 +91,8 @@ def reference(tmp_path_factory):
     its options promise (so that two runs are not equal for want of the option). Returns (state, cwd)."""
     done: dict[tuple[str, int], tuple[dict, Path]] = {}
 
-    def get(case: str, epochs: int) -> tuple[dict, Path]:
-        if (case, epochs) not in done:
+    def get(case: str, epochs: int, *, again: bool = False) -> tuple[dict, Path]:
+        if (case, epochs) not in done or again:  # again: one more uninterrupted run, kept if it disagrees
             cwd = workdir(tmp_path_factory.mktemp(f"ref-{case}-{epochs}"))
             result = run_cli("train", *CASES[case], "--epochs", str(epochs), "--run-dir", "run", "--quiet", cwd=cwd)
             assert result.returncode == 0, result.stderr
@@ -101,10 +102,42 @@ def reference(tmp_path_factory):
             if "--ema" in args:
                 assert {r["val_weights"] for r in state["history"]["epochs"]} == {"ema"}
                 assert not all(torch.equal(state["ema"][k], v) for k, v in state["model"].items())
+            if again:
+                return state, cwd
             done[case, epochs] = state, cwd
         return done[case, epochs]
 
+    get.replace = lambda case, epochs, run: done.__setitem__((case, epochs), run)
     return get
+
+
+def assert_same_as_straight(state: dict, reference, case: str, epochs: int) -> None:
+    """assert_same_modern_run against the case's uninterrupted run. When they differ, one more uninterrupted run
+    tells the two causes apart: equal to the first, the resumed run went wrong (fail); equal to the resumed one,
+    the first uninterrupted run was a process that took another rounding path on a busy CPU (README: not yet
+    promised), and the new one stands as the reference from then on. Two uninterrupted runs that differ fail too."""
+    first = reference(case, epochs)[0]
+    try:
+        assert_same_modern_run(state, first)
+    except AssertionError as difference:
+        again_run = reference(case, epochs, again=True)
+        again = again_run[0]
+        try:
+            assert_same_modern_run(again, first)
+        except AssertionError:
+            straight_runs_agree = False
+        else:
+            straight_runs_agree = True
+        if straight_runs_agree:
+            raise difference  # two uninterrupted runs agree; the resumed one does not
+        try:
+            assert_same_modern_run(state, again)
+        except AssertionError:
+            raise AssertionError(f"two uninterrupted runs of {case} differ, and the resumed run equals neither: "
+                                 f"{difference}") from difference
+        reference.replace(case, epochs, again_run)
+        warnings.warn(f"an uninterrupted {case} run took another rounding path (busy CPU, README); the resumed run "
+                      "equals a second uninterrupted run", stacklevel=2)
 
 
 def size(path: Path) -> int:
@@ -193,7 +226,7 @@ def test_sigkill_at_random_moments_then_resume_is_bit_exact(case, reference, scr
     monkeypatch.delenv("FORWARDS_FILE")
     finished = run_cli("train", *args, "--quiet", cwd=cwd)
     assert finished.returncode == 0, finished.stderr
-    assert_same_modern_run(final_state(cwd / "run"), reference(case, 3)[0])
+    assert_same_as_straight(final_state(cwd / "run"), reference, case, 3)
     assert sum(killed for _, killed, _ in landed) >= 5, f"too few kills landed before the run finished: {landed}"
     assert all(inside for moment, killed, inside in landed if moment == "window" and killed), \
         f"a kill missed its window: {landed}"
@@ -221,7 +254,7 @@ def test_sigterm_mid_window_finishes_the_window_saves_and_resumes_exactly(refere
     monkeypatch.delenv("FORWARDS_FILE")
     resumed = run_cli("resume", "run", "--trust", "--quiet", cwd=cwd)  # --trust: the config names counted.py's model
     assert resumed.returncode == 0, resumed.stderr
-    assert_same_modern_run(final_state(cwd / "run"), reference("accumulate4", 3)[0])
+    assert_same_as_straight(final_state(cwd / "run"), reference, "accumulate4", 3)
 
 
 @pytest.mark.parametrize("case, command", [
@@ -239,7 +272,7 @@ def test_three_epochs_then_six_equals_six_straight(case, command, reference, scr
     second = run_cli(*more, "--epochs", "6", "--quiet", cwd=cwd)
     assert second.returncode == 0, second.stderr
     staged = final_state(cwd / "staged")
-    assert_same_modern_run(staged, reference(case, 6)[0])
+    assert_same_as_straight(staged, reference, case, 6)
     assert [r["epoch"] for r in staged["history"]["epochs"]] == [1, 2, 3, 4, 5, 6]
 
 

@@ -311,3 +311,14 @@ def test_bad_urls_are_refused_with_the_reason(url, said):
     with pytest.raises(UsageError, match=re.escape(said)):
         objectstore.check_url(url)
     assert isinstance(objectstore.open_store("runs/local"), CheckpointStore)
+
+
+def test_a_lock_file_cannot_claim_a_lease_longer_than_an_hour_and_a_junk_one_is_named_so(s3):
+    s3.client().put_object(Bucket=s3.bucket, Key="long/writer.lock", Body=json.dumps(
+        {"host": "elsewhere", "pid": 1, "started": "2026-12-02T00:00:00Z", "ttl_seconds": 1e12}).encode())
+    with pytest.raises(CheckpointError, match=r"expires (\d+) s from now") as refused:
+        ObjectCheckpointStore(s3.url("long")).lock()
+    assert int(re.search(r"expires (\d+) s", str(refused.value)).group(1)) <= 3600
+    s3.client().put_object(Bucket=s3.bucket, Key="junk/writer.lock", Body=b"garbage{")
+    with pytest.raises(CheckpointError, match=r"another writer \(an unreadable writer.lock, renewed"):
+        ObjectCheckpointStore(s3.url("junk")).lock()

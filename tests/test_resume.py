@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -125,12 +126,41 @@ def kill_at(moment: str, args: list[str], cwd: Path, run_dir: Path, rng: random.
 def references(tmp_path_factory):
     """Each case run once, uninterrupted."""
     out = {}
-    for name, args in CASES.items():
-        cwd = tmp_path_factory.mktemp(f"ref-{name}")
-        result = run_cli("train", *args, "--run-dir", "run", "--quiet", cwd=cwd)
-        assert result.returncode == 0, result.stderr
-        out[name] = final_state(cwd / "run")
+    for name in CASES:
+        out[name] = straight(name, tmp_path_factory.mktemp(f"ref-{name}"))
     return out
+
+
+def straight(case: str, cwd: Path) -> dict:
+    result = run_cli("train", *CASES[case], "--run-dir", "run", "--quiet", cwd=cwd)
+    assert result.returncode == 0, result.stderr
+    return final_state(cwd / "run")
+
+
+def assert_same_as_straight(state: dict, references: dict, case: str, cwd: Path) -> None:
+    """assert_same_run against the case's uninterrupted run. When they differ, one more uninterrupted run (in
+    ``cwd``) tells a resume that went wrong (the new run equals the first: fail) from a first uninterrupted run that
+    took another rounding path on a busy CPU (README: not yet promised; the new run equals the resumed one, and
+    stands as the reference from then on). Two uninterrupted runs that differ, the resumed one equal to neither, fail."""
+    try:
+        assert_same_run(state, references[case])
+    except AssertionError as difference:
+        cwd.mkdir()
+        again = straight(case, cwd)
+        try:
+            assert_same_run(again, references[case])
+        except AssertionError:
+            pass
+        else:
+            raise difference  # two uninterrupted runs agree; the resumed one does not
+        try:
+            assert_same_run(state, again)
+        except AssertionError:
+            raise AssertionError(f"two uninterrupted runs of {case} differ, and the resumed run equals neither: "
+                                 f"{difference}") from difference
+        references[case] = again
+        warnings.warn(f"an uninterrupted {case} run took another rounding path (busy CPU, README); the resumed run "
+                      "equals a second uninterrupted run", stacklevel=2)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -150,7 +180,7 @@ def test_sigkill_at_many_moments_then_resume_is_bit_exact(case, references, tmp_
                 kill_at("mid-epoch", args, cwd, run_dir, rng)
         resumed = run_cli("train", *args, "--quiet", cwd=cwd)
         assert resumed.returncode == 0, resumed.stderr
-        assert_same_run(final_state(run_dir), references[case])
+        assert_same_as_straight(final_state(run_dir), references, case, tmp_path / f"again{i}")
     assert len(kills) >= 5, f"only {len(kills)} kills landed before the run finished: {kills}"
     assert all(code == -signal.SIGKILL for _, code in kills)
 

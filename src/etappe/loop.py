@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import shlex
 import signal
 import sys
 import time
@@ -462,7 +463,7 @@ class Trainer:
             raise UsageError(f"epochs={epochs!r} is not valid; expected a positive integer")
         if self.resumed_from is None:
             self.resume(epochs=epochs)  # starts the run first
-        self._refuse_fewer_epochs(self.progress.epoch, epochs)
+        self._refuse_fewer_epochs(self.progress.epoch, epochs, self.progress.batches_done_in_epoch)
         p = self.progress
         if p.stopped_early:
             if not self.quiet:
@@ -514,10 +515,13 @@ class Trainer:
                     if not self.quiet:
                         log.info(f"Stopping early: {self.loop.monitor} has not improved for {self.loop.patience} epochs")
                     break
-        if self.run_dir is not None and self.main:
-            log.write_history(self.run_dir, self.history)
-            log.plot_curves(self.run_dir, self.history)
-        curves.close(self.history)
+            # still guarded: an interrupt while the last files are written or the figure is drawn lets them finish
+            if self.run_dir is not None and self.main:
+                log.write_history(self.run_dir, self.history)
+                log.plot_curves(self.run_dir, self.history)
+            curves.close(self.history)
+        if preempt["signal"] is not None and not self.quiet:
+            log.info(f"{preempt['signal']} arrived after the last step: the run is complete, with its last checkpoint")
         return self.history
 
     def _stopped(self, signal_name: str, path: Path | None) -> str:
@@ -539,10 +543,10 @@ class Trainer:
             from etappe.models import MODELS
 
             model = self.config.get("model")  # a module:factory read from the file needs naming (or --trust)
-            named = f" --model {model}" if isinstance(model, str) and model not in MODELS else ""
-            return f"{said}; resume with: etappe resume {run}{named}"
+            named = f" --model {shlex.quote(model)}" if isinstance(model, str) and model not in MODELS else ""
+            return f"{said}; resume with: etappe resume {shlex.quote(str(run))}{named}"  # a command to paste
         return (f"{said}; resume in Python: call the same etappe.fit(..., run_dir={str(run)!r}) (or Trainer.fit) "
-                f"again; evaluate with: etappe eval {run} --model module:factory --input-shape C,H,W --data NAME")
+                f"again; evaluate with: etappe eval {shlex.quote(str(run))} --model module:factory --input-shape C,H,W --data NAME")
 
     @contextmanager
     def _writing(self) -> Iterator[Any]:
@@ -771,7 +775,8 @@ class Trainer:
             progress = entries.get("progress")
             done = progress.get("epoch") if isinstance(progress, Mapping) else None
             if epochs is not None and isinstance(done, int):
-                self._refuse_fewer_epochs(done, epochs)
+                into_next = progress.get("batches_done_in_epoch")
+                self._refuse_fewer_epochs(done, epochs, into_next if isinstance(into_next, int) else 0)
             restore(path, entries, self.state_objects())
         else:  # a plain torch.save file: no config, no counters to check
             load(path, **self.state_objects())
@@ -779,15 +784,16 @@ class Trainer:
         if differences:  # allowed: what changed applies from here
             self._apply_changed_hyperparameters(saved_config)
 
-    def _refuse_fewer_epochs(self, done: int, epochs: int) -> None:
+    def _refuse_fewer_epochs(self, done: int, epochs: int, into_next: int = 0) -> None:
         # Training on is what a repeated call asks for; a model of fewer epochs than the run has done cannot be
         # given back (its checkpoint may be pruned), and returning the longer-trained one instead would answer a
-        # different question without a word.
-        if done > epochs:
+        # different question without a word. Batches of the next epoch done (a run stopped mid-epoch) count too.
+        if done > epochs or (done == epochs and into_next > 0):
             where = self.run_dir if self.run_dir is not None else "this Trainer"
+            so_far = f"{done} epochs" + (f" and {into_next} batches of epoch {done + 1}" if into_next else "")
             raise UsageError(
-                f"{where} has {done} epochs done; epochs={epochs} asks for fewer: nothing was trained. "
-                f"Ask for {done} or more to continue it, load its checkpoint with etappe.load, or use a new run folder"
+                f"{where} has {so_far} done; epochs={epochs} asks for fewer: nothing was trained. "
+                f"Ask for {done + bool(into_next)} or more to continue it, load its checkpoint with etappe.load, or use a new run folder"
             )
 
     def _derived_config(self) -> dict[str, Any]:

@@ -35,7 +35,7 @@ _URL_LIKE = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]+:/")
 
 def looks_like_url(value: object) -> bool:
     """Whether ``value`` is a string that reads as a URL ("s3://...", "gs://...", or "s3:/..." with a slash lost)."""
-    return isinstance(value, str) and _URL_LIKE.match(value) is not None
+    return isinstance(value, str) and _URL_LIKE.match(value.strip()) is not None  # spaced: refused as a URL
 
 
 def is_url(loc: object) -> bool:
@@ -48,6 +48,8 @@ def location(value: str | os.PathLike, what: str = "run folder") -> Location:
     A URL etappe cannot honour, or one missing a slash ("s3:/b/run"), is a UsageError, one line."""
     if isinstance(value, Path) or not isinstance(value, str):
         return Path(value)
+    if value != value.strip() and looks_like_url(value):  # pasted, or read from a file, with a space
+        raise UsageError(f"{what} {value!r} has white space around a URL; write {value.strip()!r}")
     if not looks_like_url(value):
         return Path(value)
     scheme, _, rest = value.partition(":")

@@ -84,8 +84,14 @@ class History:
     def __len__(self) -> int:
         return len(self.epochs)
 
-    def __getitem__(self, i: int) -> dict:
-        return dict(self.epochs[i])  # a copy: changing it leaves the run's history (and its checkpoints) alone
+    def __getitem__(self, i: int | slice) -> dict | list[dict]:
+        # copies: changing them leaves the run's history (and its checkpoints) alone
+        if isinstance(i, slice):
+            return [dict(row) for row in self.epochs[i]]
+        if not isinstance(i, int) or not -len(self.epochs) <= i < len(self.epochs):
+            raise IndexError(f"history[{i!r}]: this history has {len(self.epochs)} epochs (rows 0 to "
+                             f"{len(self.epochs) - 1}, or -1 for the last)")
+        return dict(self.epochs[i])
 
     def __iter__(self) -> Iterator[dict]:
         return (dict(row) for row in self.epochs)
@@ -101,6 +107,8 @@ class History:
         as ``monitor`` judges. The first such epoch on a tie; epochs without the metric are passed over."""
         from etappe.config import monitor_mode
 
+        if not isinstance(metric, str):
+            raise UsageError(f"best(metric): expected a metric's name such as 'val_loss', got {metric!r}")
         mode = monitor_mode(metric) if mode is None else mode
         if mode not in ("min", "max"):
             raise UsageError(f"best(..., mode={mode!r}): expected 'min' or 'max'")

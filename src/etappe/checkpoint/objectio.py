@@ -35,6 +35,8 @@ def is_url(path: object) -> bool:
 
 def check_url(url: str) -> None:
     """UsageError, in one line, for a URL etappe cannot honour (only ``s3://BUCKET/PREFIX`` is)."""
+    if isinstance(url, str) and url != url.strip():  # pasted, or read from a file, with a space
+        raise UsageError(f"{url!r} has white space around a URL; write {url.strip()!r}")
     m = _URL.match(url) if isinstance(url, str) else None
     if m is None:
         raise UsageError(f"expected a URL like s3://BUCKET/PREFIX, got {url!r}")

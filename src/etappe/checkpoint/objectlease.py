@@ -26,6 +26,7 @@ LEASE = "writer.lock"
 PROBE = ".etappe-probe-"
 TTL_ENV = "ETAPPE_S3_LEASE_SECONDS"
 DEFAULT_TTL = 60.0
+MAX_TTL = 3600.0  # the longest lease a lock file may claim
 
 
 def honours_create_only(client: Client, root: Url) -> bool:
@@ -103,11 +104,15 @@ class Lease:
         except ValueError:
             held = {}
         age = now - info["mtime"]
-        ttl = held.get("ttl_seconds") if isinstance(held.get("ttl_seconds"), (int, float)) else self.ttl
+        # the holder's own lease time (it renews every quarter of it), but never longer than MAX_TTL: a lock file
+        # naming a lease of years would otherwise hold the store for ever
+        ttl = held.get("ttl_seconds")
+        ttl = min(float(ttl), MAX_TTL) if isinstance(ttl, (int, float)) and ttl > 0 else self.ttl
         dead_here = (held.get("host") == self.holder["host"] and held.get("boot") == self.holder["boot"]
                      and isinstance(held.get("pid"), int) and not _alive(held["pid"]))
         if age <= ttl and not dead_here:
-            who = f"pid {held.get('pid')} on {held.get('host')!s:.60}, since {held.get('started')}"
+            who = (f"pid {held.get('pid')} on {held.get('host')!s:.60}, since {held.get('started')}"
+                   if {"pid", "host", "started"} <= held.keys() else "an unreadable writer.lock")
             raise CheckpointError(
                 f"{self.url.parent} has another writer ({who}, renewed {age:.0f} s ago); one writer per store: if that "
                 f"process is gone, its lease expires {max(ttl - age, 0):.0f} s from now, or delete {self.url}"
