@@ -117,7 +117,7 @@ def test_repr_formats_values_for_reading():
     h.epochs[0].update(lr=0.001, seconds=3.2931, samples_per_s=1234.6)
     assert repr(h).splitlines()[2].split() == ["1", "10", "0.9480", "2e-05", "0.5000", "0.001", "3.3", "1,235"]
     h.mark_resumed(0.5)
-    assert repr(h).startswith("History(1 epochs; resumed at epoch 0.5)")
+    assert repr(h).startswith("History(1 epochs; resumed after 0.50 epochs)")
     assert repr(History()) == "History(no epochs yet)"
     assert "&lt;b&gt;" in history_of([{"train_loss": 1.0, "val_loss": 1.0, "val_accuracy": 1.0, "note": "<b>"}])._repr_html_()
 

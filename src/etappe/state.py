@@ -192,7 +192,7 @@ def _elided(rows: list[dict]) -> list[dict]:
 def _resumed_note(resumed: list[float]) -> str:
     if not resumed:
         return ""
-    return "; resumed at epoch " + ", ".join(f"{x:g}" for x in resumed)
+    return "; resumed after " + ", ".join(f"{x:.2f}" for x in resumed) + " epochs"  # epochs done, batches as a fraction
 
 
 class RandomState:

@@ -111,8 +111,9 @@ class Lease:
         dead_here = (held.get("host") == self.holder["host"] and held.get("boot") == self.holder["boot"]
                      and isinstance(held.get("pid"), int) and not _alive(held["pid"]))
         if age <= ttl and not dead_here:
-            who = (f"pid {held.get('pid')} on {held.get('host')!s:.60}, since {held.get('started')}"
-                   if {"pid", "host", "started"} <= held.keys() else "an unreadable writer.lock")
+            since = f", since {held['started']}" if "started" in held else ""
+            who = f"pid {held['pid']} on {held['host']!s:.60}{since}" if {"pid", "host"} <= held.keys() \
+                else "an unreadable writer.lock"
             raise CheckpointError(
                 f"{self.url.parent} has another writer ({who}, renewed {age:.0f} s ago); one writer per store: if that "
                 f"process is gone, its lease expires {max(ttl - age, 0):.0f} s from now, or delete {self.url}"
