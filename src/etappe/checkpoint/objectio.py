@@ -33,10 +33,13 @@ def is_url(path: object) -> bool:
     return isinstance(path, str) and _URL.match(path) is not None
 
 
+def _spaced(url: str) -> bool:
+    """White space at the start, or at the end before any trailing slashes (which a store's root drops)."""
+    return url != url.lstrip() or url.rstrip("/") != url.rstrip("/").rstrip()
+
+
 def check_url(url: str) -> None:
     """UsageError, in one line, for a URL etappe cannot honour (only ``s3://BUCKET/PREFIX`` is)."""
-    if isinstance(url, str) and url != url.strip():  # pasted, or read from a file, with a space
-        raise UsageError(f"{url!r} has white space around a URL; write {url.strip()!r}")
     m = _URL.match(url) if isinstance(url, str) else None
     if m is None:
         raise UsageError(f"expected a URL like s3://BUCKET/PREFIX, got {url!r}")
@@ -49,6 +52,8 @@ def check_url(url: str) -> None:
         )
     if m["scheme"] != m["scheme"].lower():
         raise UsageError(f"{shown!r}: write the scheme in lower case, {m['scheme'].lower()}://")
+    if _spaced(url):  # pasted, or read from a file, with a space
+        raise UsageError(f"{shown!r} has white space around a URL; write {url.strip()!r}")
     bucket, _, key = m["rest"].partition("/")
     if not bucket:
         raise UsageError(f"{shown!r}: no bucket; expected s3://BUCKET/PREFIX")

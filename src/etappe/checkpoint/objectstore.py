@@ -188,13 +188,7 @@ class ObjectCheckpointStore:
         drop = [c for c in committed if c.step == newest and c.name != just_saved]  # superseded by this save
         rest = [c for c in committed if c.step != newest or c.name == just_saved]
         if self.keep_last is not None or self.keep_best is not None or self.keep_every is not None:
-            keep = {newest}
-            if self.keep_last:
-                keep |= {c.step for c in rest[-self.keep_last:]}
-            if self.keep_best is not None:
-                keep |= {c.step for c in self._ranked(rest)[: self.keep_best]}
-            if self.keep_every is not None:
-                keep |= {c.step for c in rest if c.step % self.keep_every == 0}
+            keep = self._kept(rest, newest)
             drop += [c for c in rest if c.step not in keep]
         for c in drop:
             files = listing.get(c.name, {})
@@ -281,12 +275,8 @@ class ObjectCheckpointStore:
             return folder.restore(Where(url), entries, objects, strict=strict)
         raise CheckpointError(f"no valid checkpoint in {self.root}")
 
-    def _ranked(self, checkpoints: list) -> list:
-        if self.monitor is None:
-            return []
-        usable = [c for c in checkpoints if not math.isnan(c.metrics.get(self.monitor, math.nan))]
-        sign = 1 if self.mode == "min" else -1
-        return sorted(usable, key=lambda c: (sign * c.metrics[self.monitor], -c.step))
+    # the local store's retention rule and ranking, not copies of them (same attributes: keep_*, monitor, mode)
+    _ranked, _kept = CheckpointStore._ranked, CheckpointStore._kept
 
 
 class _Committed:

@@ -303,10 +303,9 @@ class CheckpointStore:
         sign = 1 if self.mode == "min" else -1
         return sorted(usable, key=lambda c: (sign * c.metrics[self.monitor], -c.step))
 
-    def _prune(self, newest: int) -> None:
-        if self.keep_last is None and self.keep_best is None and self.keep_every is None:
-            return
-        committed = self._committed(strict=False)  # what cannot be read is not ours to delete
+    def _kept(self, committed: list[Checkpoint], newest: int) -> set[int]:
+        """The retention rule, for this store and the object store alike: of ``committed`` (readable, by step), the
+        steps kept: ``newest`` (the one just saved) and every one any rule keeps."""
         keep = {newest}
         if self.keep_last:
             keep |= {c.step for c in committed[-self.keep_last :]}
@@ -314,6 +313,13 @@ class CheckpointStore:
             keep |= {c.step for c in self._ranked(committed)[: self.keep_best]}
         if self.keep_every is not None:
             keep |= {c.step for c in committed if c.step % self.keep_every == 0}
+        return keep
+
+    def _prune(self, newest: int) -> None:
+        if self.keep_last is None and self.keep_best is None and self.keep_every is None:
+            return
+        committed = self._committed(strict=False)  # what cannot be read is not ours to delete
+        keep = self._kept(committed, newest)
         for c in committed:
             if c.step not in keep:
                 fsio.remove_tree(c.path)
