@@ -24,8 +24,14 @@ from tests.test_resume import assert_same_run, committed, final_state, wait_for
 ARGS = ["--data", "digits", "--model", "cnn", "--batch-size", "32", "--lr", "5e-3"]
 
 
+# A worker that crashes inside torch prints every thread's Python stack (faulthandler), so a failure says where.
+def worker_env() -> dict[str, str]:
+    return {**os.environ, "PYTHONFAULTHANDLER": "1"}
+
+
 def torchrun(*args: str, cwd: Path, nproc: int = 2, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(torchrun_cmd(nproc, args), cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(torchrun_cmd(nproc, args), cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env=worker_env())
 
 
 def torchrun_cmd(nproc: int, args) -> list[str]:
@@ -93,7 +99,7 @@ def test_checkpoint_has_no_ddp_prefix_and_every_ranks_random_state(two_rank_run)
 def kill_a_rank_and_resume(args: list[str], rank: int, cwd: Path) -> Path:
     """Start the 2-rank run, SIGKILL ``rank`` once two checkpoints are committed, resume on 2 ranks; the run dir."""
     proc = subprocess.Popen(torchrun_cmd(2, args), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, env=worker_env())
     run_dir = cwd / "run"
     assert wait_for(lambda: len(committed(run_dir)) >= 2, proc, timeout=300)
     time.sleep(0.3)

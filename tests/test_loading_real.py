@@ -496,3 +496,25 @@ def test_a_pickle_posing_as_model_safetensors_never_runs(tmp_path, capsys):
             attempt()
     assert main(["verify", str(folder)]) == 1 and main(["inspect", str(folder), "--trust"]) != 0
     assert not marker.exists()
+
+
+def test_a_stores_load_takes_strict_as_etappe_load_does(tmp_path):
+    from etappe.checkpoint import CheckpointStore
+
+    published = made(seed=1)
+    head_only = nn.Module()
+    head_only.head = published.head  # its state dict: head.weight and head.bias, as published head weights are
+    store = CheckpointStore(tmp_path / "checkpoints")
+    store.save(1, {"model": head_only})
+    net = made(seed=2)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    for path in (None, store.latest()):  # the newest, and one named
+        with pytest.raises(CheckpointError, match="missing backbone.* .*strict=False"):
+            store.load(path, model=net)
+        assert same(net.state_dict(), before), "a refused strict load must leave the model untouched"
+    report = store.load(model=net, strict=False).reports["model"]
+    assert report.missing == BACKBONE and report.unexpected == () and report.mismatched == ()
+    assert same(net.state_dict(), published.state_dict(), ["head.weight", "head.bias"])
+    assert same(net.state_dict(), before, BACKBONE)
+    with pytest.raises(UsageError, match="strict: expected True or False"):
+        store.load(model=net, strict="no")

@@ -115,7 +115,9 @@ def assert_same_as_straight(state: dict, reference, case: str, epochs: int) -> N
     """assert_same_modern_run against the case's uninterrupted run. When they differ, one more uninterrupted run
     tells the two causes apart: equal to the first, the resumed run went wrong (fail); equal to the resumed one,
     the first uninterrupted run was a process that took another rounding path on a busy CPU (README: not yet
-    promised), and the new one stands as the reference from then on. Two uninterrupted runs that differ fail too."""
+    promised), and the new one stands as the reference from then on. Two uninterrupted runs that differ fail too.
+    bf16-mixed cases (issue 13's open question): a difference the third run cannot explain is reported as an
+    expected failure, and only that; every other check of the test still fails it."""
     first = reference(case, epochs)[0]
     try:
         assert_same_modern_run(state, first)
@@ -129,15 +131,21 @@ def assert_same_as_straight(state: dict, reference, case: str, epochs: int) -> N
         else:
             straight_runs_agree = True
         if straight_runs_agree:
-            raise difference  # two uninterrupted runs agree; the resumed one does not
+            _unexplained(case, f"two uninterrupted runs agree; the resumed one does not: {difference}", difference)
         try:
             assert_same_modern_run(state, again)
         except AssertionError:
-            raise AssertionError(f"two uninterrupted runs of {case} differ, and the resumed run equals neither: "
-                                 f"{difference}") from difference
+            _unexplained(case, f"two uninterrupted runs of {case} differ, and the resumed run equals neither: "
+                               f"{difference}", difference)
         reference.replace(case, epochs, again_run)
         warnings.warn(f"an uninterrupted {case} run took another rounding path (busy CPU, README); the resumed run "
                       "equals a second uninterrupted run", stacklevel=2)
+
+
+def _unexplained(case: str, message: str, difference: AssertionError) -> None:
+    if "--precision" in CASES[case] and "bf16-mixed" in CASES[case]:
+        pytest.xfail(f"bf16-mixed on this CPU, issue 13 open: {message}")
+    raise AssertionError(message) from difference
 
 
 def size(path: Path) -> int:
@@ -208,14 +216,11 @@ def kill_once(moment: str, args: list[str], cwd: Path, rng: random.Random, monke
     return killed, killed and moment == "window" and size(forwards) == target
 
 
-# bf16-mixed on this CPU (oneDNN, AMX): most runs resume bit-exact, but some processes take another, equally
-# deterministic rounding path for the first layer's weights (seen with and without kills, 2 of 8 runs with
-# --async-save in the attack pass). Issue 13 stays open on it; these cases run and report, without failing CI.
-BF16_OPEN = pytest.mark.xfail(reason="bf16 on CPU: some processes round differently (issue 13, open)", strict=False)
-
-
-@pytest.mark.parametrize("case", [pytest.param("bf16", marks=BF16_OPEN), "accumulate4",
-                                  pytest.param("accumulate4-bf16-ema-warmup", marks=BF16_OPEN),
+# bf16-mixed on this CPU (oneDNN, AMX): most runs resume bit-exact, but some processes have taken another, equally
+# deterministic rounding path for the first layer's weights (2 of 8 runs with --async-save in one attack pass on a
+# loaded machine; none of about 80 on 2026-12-02). Issue 13 stays open on it: in these cases only a difference of
+# the final weights that one more uninterrupted run cannot explain is an expected failure (_unexplained).
+@pytest.mark.parametrize("case", ["bf16", "accumulate4", "accumulate4-bf16-ema-warmup",
                                   pytest.param("compile", marks=pytest.mark.slow)])  # compiles in every process
 def test_sigkill_at_random_moments_then_resume_is_bit_exact(case, reference, scratch, monkeypatch):
     cwd = workdir(scratch)
@@ -226,10 +231,10 @@ def test_sigkill_at_random_moments_then_resume_is_bit_exact(case, reference, scr
     monkeypatch.delenv("FORWARDS_FILE")
     finished = run_cli("train", *args, "--quiet", cwd=cwd)
     assert finished.returncode == 0, finished.stderr
-    assert_same_as_straight(final_state(cwd / "run"), reference, case, 3)
     assert sum(killed for _, killed, _ in landed) >= 5, f"too few kills landed before the run finished: {landed}"
     assert all(inside for moment, killed, inside in landed if moment == "window" and killed), \
         f"a kill missed its window: {landed}"
+    assert_same_as_straight(final_state(cwd / "run"), reference, case, 3)
 
 
 def test_sigterm_mid_window_finishes_the_window_saves_and_resumes_exactly(reference, scratch, monkeypatch):
@@ -259,9 +264,9 @@ def test_sigterm_mid_window_finishes_the_window_saves_and_resumes_exactly(refere
 
 @pytest.mark.parametrize("case, command", [
     # every option but compile at once, to keep the default run short
-    pytest.param("accumulate4-bf16-ema-warmup", "train", marks=BF16_OPEN),
+    ("accumulate4-bf16-ema-warmup", "train"),
     ("compile", "resume"),
-    pytest.param("bf16", "resume", marks=[pytest.mark.slow, BF16_OPEN]),
+    pytest.param("bf16", "resume", marks=pytest.mark.slow),
     pytest.param("accumulate4", "train"),  # the same options in fp32, where the promise holds
 ])
 def test_three_epochs_then_six_equals_six_straight(case, command, reference, scratch):

@@ -753,7 +753,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     with warnings.catch_warnings():
         warnings.showwarning = _show_warning
-        return _run(args)
+        code = _run(args)
+    from etappe import distributed
+
+    if distributed.left_a_group():
+        _exit_now(code)
+    return code
+
+
+def _exit_now(code: int) -> NoReturn:
+    """End a torchrun worker that has left its process group without the interpreter's teardown. Objects that
+    outlive the group (FSDP's module state, gloo's work records holding tensors) are freed during finalization
+    by C++ threads that then need the GIL, and a worker could abort with SIGABRT ("terminate called without an
+    active exception", torch.distributed with gloo) after everything was saved, which torchrun reports as the
+    run failing. Every file was written and closed, and every background save waited for, before this point."""
+    import os
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -76,13 +76,23 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     return t.tolist()
 
 
+_left = False
+
+
 def shutdown(clean: bool = True) -> None:
     """Leave the process group. After a clean finish the ranks leave together (one that leaves while the others
     still talk to it can hang them); after a failure this rank just goes, and torchrun stops the rest."""
+    global _left
     if active():
         if clean:
             dist.barrier()
         dist.destroy_process_group()
+        _left = True
+
+
+def left_a_group() -> bool:
+    """Whether this process joined a process group and has left it (``shutdown``)."""
+    return _left
 
 
 def all_gather_object(obj: object) -> list:

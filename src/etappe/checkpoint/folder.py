@@ -59,10 +59,7 @@ def load(path: str | os.PathLike, /, *, trusted: bool = False, strict: bool = Tr
     ``trusted=True`` allows fully unpickling a torch.save file, which can run code from it. ``strict`` and
     ``trusted`` are load's own: an entry of either name comes back in the result, not restored by name.
     """
-    if not isinstance(strict, bool):
-        raise UsageError(f"strict: expected True or False, got a {type(strict).__name__}; strict is load()'s own "
-                         "option, so an entry named 'strict' is not restored by name: take it from the result, "
-                         "obj.load_state_dict(etappe.load(path)['strict'])")
+    check_strict(strict)
     from etappe import rundir
 
     if rundir.looks_like_url(path):  # a checkpoint on an object store: fetched, verified and loaded as a local one
@@ -191,6 +188,13 @@ def state_entries(state_file: Path, blob, files: Mapping[str, Any]) -> dict[str,
             raise CheckpointError(f"{state_file}: malformed checkpoint state: entry {name[:80]!r} has "
                                   f"{str(parameters)[:80]!r} parameters, not a whole number >= 0")
     return entries
+
+
+def check_strict(strict: object) -> None:
+    if not isinstance(strict, bool):
+        raise UsageError(f"strict: expected True or False, got a {type(strict).__name__}; strict is load()'s own "
+                         "option, so an entry named 'strict' is not restored by name: take it from the result, "
+                         "obj.load_state_dict(etappe.load(path)['strict'])")
 
 
 def restore(path: Path, entries: Mapping[str, Any], objects: Mapping[str, Any], *,

@@ -218,12 +218,14 @@ class CheckpointStore:
             return self.latest()
         return next(self._verified(((c.path, c.step) for c in ranked), []), None) or self.latest()
 
-    def load(self, path: str | os.PathLike | None = None, /, **objects: Any) -> dict[str, Any]:
+    def load(self, path: str | os.PathLike | None = None, /, *, strict: bool = True, **objects: Any) -> dict[str, Any]:
         """``load`` a checkpoint of this store; without ``path``, the latest that verifies (bad ones are skipped
-        with a warning, each read only once; one in a newer format raises NewerFormatError)."""
+        with a warning, each read only once; one in a newer format raises NewerFormatError). ``strict`` as in
+        ``etappe.load``: False loads into a model what fits and reports the rest."""
+        folder.check_strict(strict)
         if path is not None:
             try:
-                return folder.load(path, **objects)
+                return folder.load(path, strict=strict, **objects)
             except CheckpointError:
                 if not os.path.lexists(path):
                     raise CheckpointError(
@@ -244,7 +246,7 @@ class CheckpointStore:
                         continue
                     warnings.warn(f"skipping checkpoint {candidate}: {e}", CheckpointWarning, stacklevel=2)
                     continue
-                return folder.restore(candidate, entries, objects)
+                return folder.restore(candidate, entries, objects, strict=strict)
             if not vanished:
                 break
         raise CheckpointError(f"no valid checkpoint in {self.root}")
