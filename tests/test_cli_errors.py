@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import textwrap
 import zipfile
 from pathlib import Path
@@ -531,3 +532,31 @@ def test_non_positive_numeric_flags_are_refused_at_parse_time(capsys, files, tmp
     code, _, err = cli(capsys, *args)
     one_error(code, err, 2, fragment)
     assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- how the process ends
+
+def test_main_in_a_callers_process_group_trains_and_leaves_the_group_to_the_caller(capsys, tmp_path):
+    """``main`` called from Python inside the caller's own process group: it trains in it, returns its code, and
+    neither destroys the group nor ends the process (only the ``etappe`` command's entry point may)."""
+    import torch.distributed as dist
+
+    from etappe import distributed
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        code, _, err = cli(capsys, "train", "--epochs", "1", "--batch-size", "128", "--run-dir", tmp_path / "run",
+                           "--quiet")
+        assert code == 0, err
+        assert dist.is_initialized() and not distributed.left_a_group()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly(files, tmp_path):
+    """``etappe inspect RUN --json | head -c 0``: the write meets a closed pipe; exit 0, nothing on stderr."""
+    proc = subprocess.Popen([sys.executable, "-m", "etappe", "inspect", str(files / "run"), "--json"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # before the command writes anything
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 0 and err == "", err

@@ -23,7 +23,7 @@ from etappe.checkpoint import CheckpointStore, load
 from etappe.data.sets import digits
 from etappe.errors import UsageError
 from tests.conftest import run_cli
-from tests.test_resume import assert_same_run, committed, final_state, kill_all, start, wait_for
+from tests.test_resume import TIMING_KEYS, assert_same_run, committed, final_state, kill_all, start, wait_for
 
 BATCH, ACCUMULATE = 64, 4
 BATCHES = math.ceil(len(digits().train) / BATCH)  # per epoch: 23, so an epoch ends in a short window of 3
@@ -85,6 +85,38 @@ def assert_same_modern_run(a: dict, b: dict) -> None:
                 assert x == y, f"{name}.{key}: {x!r} != {y!r}"
 
 
+def compared(state: dict) -> dict:
+    """What assert_same_modern_run compares of a checkpoint, as one nested value."""
+    progress = ("epoch", "step", "batches_done_in_epoch", "best_metric", "epochs_without_improvement")
+    return {"model": state["model"], "optimizer": state["optimizer"],
+            "progress": {key: state["progress"][key] for key in progress},
+            "history": [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in state["history"]["epochs"]],
+            "per_rank": [{**{k: v for k, v in rank.items() if k != "rng"}, "rng": rank["rng"]["torch"]}
+                         for rank in state["per_rank"]["ranks"]],
+            **{name: state[name] for name in set(state) - ENTRIES}}
+
+
+def assert_same_but_float_values(x, y, where: str = "") -> None:
+    """assert_equal, except that floating-point values may differ (tensors by dtype and shape, Python floats by
+    type): all that a rounding difference can change. Keys, lengths, counters, random states and every other
+    value equal."""
+    if torch.is_tensor(x):
+        assert torch.is_tensor(y) and x.dtype == y.dtype and x.shape == y.shape, where
+        assert x.is_floating_point() or torch.equal(x, y), where
+    elif isinstance(x, float):
+        assert isinstance(y, float), f"{where}: {x!r} != {y!r}"
+    elif isinstance(x, dict):
+        assert isinstance(y, dict) and set(x) == set(y), f"{where}: keys in one only: {sorted(set(x) ^ set(y))}"
+        for k in x:
+            assert_same_but_float_values(x[k], y[k], f"{where}.{k}")
+    elif isinstance(x, (list, tuple)):
+        assert isinstance(y, (list, tuple)) and len(x) == len(y), f"{where}: lengths differ"
+        for i, (u, v) in enumerate(zip(x, y)):
+            assert_same_but_float_values(u, v, f"{where}[{i}]")
+    else:
+        assert x == y, f"{where}: {x!r} != {y!r}"
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """A case's uninterrupted run of 3 or 6 epochs, made when a test first asks for it, and checked to hold what
@@ -131,19 +163,24 @@ def assert_same_as_straight(state: dict, reference, case: str, epochs: int) -> N
         else:
             straight_runs_agree = True
         if straight_runs_agree:
-            _unexplained(case, f"two uninterrupted runs agree; the resumed one does not: {difference}", difference)
+            _unexplained(case, f"two uninterrupted runs agree; the resumed one does not: {difference}", difference,
+                         state, [first])
         try:
             assert_same_modern_run(state, again)
         except AssertionError:
             _unexplained(case, f"two uninterrupted runs of {case} differ, and the resumed run equals neither: "
-                               f"{difference}", difference)
+                               f"{difference}", difference, state, [first, again])
         reference.replace(case, epochs, again_run)
         warnings.warn(f"an uninterrupted {case} run took another rounding path (busy CPU, README); the resumed run "
                       "equals a second uninterrupted run", stacklevel=2)
 
 
-def _unexplained(case: str, message: str, difference: AssertionError) -> None:
+def _unexplained(case: str, message: str, difference: AssertionError, state: dict, references: list[dict]) -> None:
+    """Fail; or, for a bf16-mixed case whose runs differ in floating-point values only (every key, counter, random
+    state and integer equal), report the expected failure of issue 13's open question."""
     if "--precision" in CASES[case] and "bf16-mixed" in CASES[case]:
+        for ref in references:
+            assert_same_but_float_values(compared(state), compared(ref), "resumed vs uninterrupted")
         pytest.xfail(f"bf16-mixed on this CPU, issue 13 open: {message}")
     raise AssertionError(message) from difference
 
@@ -277,8 +314,8 @@ def test_three_epochs_then_six_equals_six_straight(case, command, reference, scr
     second = run_cli(*more, "--epochs", "6", "--quiet", cwd=cwd)
     assert second.returncode == 0, second.stderr
     staged = final_state(cwd / "staged")
-    assert_same_as_straight(staged, reference, case, 6)
     assert [r["epoch"] for r in staged["history"]["epochs"]] == [1, 2, 3, 4, 5, 6]
+    assert_same_as_straight(staged, reference, case, 6)
 
 
 def test_python_api_refuses_fp16_on_cpu_and_a_step_fn_with_accumulation():
@@ -300,3 +337,29 @@ def test_a_bad_option_value_is_a_one_line_error(flag, value, tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and value in result.stderr, result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_the_expected_failure_rule_excuses_floating_point_values_and_nothing_else():
+    """The rule behind bf16's expected failure (assert_same_but_float_values): runs that differ in a float tensor's
+    values or a float metric pass it; a key, a counter, a random state, an integer tensor, a dtype or a shape
+    that differs fails it."""
+    state = {"model": {"w": torch.ones(2, 3), "n": torch.tensor([1, 2])}, "progress": {"step": 5, "loss": 0.25},
+             "rng": torch.zeros(4, dtype=torch.uint8), "rows": [{"epoch": 1, "loss": 0.5}]}
+
+    def changed(path, value):
+        other = {k: (dict(v) if isinstance(v, dict) else v) for k, v in state.items()}
+        other["rows"] = [dict(r) for r in state["rows"]]
+        where = other
+        for key in path[:-1]:
+            where = where[key]
+        where[path[-1]] = value
+        return other
+
+    for path, value in [(("model", "w"), torch.full((2, 3), 1.5)), (("progress", "loss"), 0.26),
+                        (("rows", 0, "loss"), 0.0)]:
+        assert_same_but_float_values(state, changed(path, value))
+    for path, value in [(("model", "n"), torch.tensor([1, 3])), (("progress", "step"), 6), (("rng",), torch.ones(4, dtype=torch.uint8)),
+                        (("model", "w"), torch.ones(3, 2)), (("model", "w"), torch.ones(2, 3, dtype=torch.float64)),
+                        (("rows", 0, "epoch"), 2), (("progress", "extra"), 1), (("rows",), [])]:
+        with pytest.raises(AssertionError):
+            assert_same_but_float_values(state, changed(path, value))

@@ -1,5 +1,3 @@
-import sys
+from etappe.cli import entry
 
-from etappe.cli import main
-
-sys.exit(main())
+entry()

@@ -753,12 +753,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     with warnings.catch_warnings():
         warnings.showwarning = _show_warning
-        code = _run(args)
+        return _run(args)
+
+
+def entry() -> NoReturn:
+    """The ``etappe`` command and ``python -m etappe``: ``main``, then the process ends. A torchrun worker whose
+    process group etappe joined and left ends without the interpreter's teardown (``_exit_now``); ``main`` itself
+    never ends the process, so calling it from Python is safe."""
     from etappe import distributed
 
+    try:
+        code = main()
+    except Exception:
+        if not distributed.left_a_group():
+            raise
+        import traceback
+
+        traceback.print_exc()
+        code = 1
     if distributed.left_a_group():
         _exit_now(code)
-    return code
+    sys.exit(code)
 
 
 def _exit_now(code: int) -> NoReturn:
@@ -769,8 +784,11 @@ def _exit_now(code: int) -> NoReturn:
     run failing. Every file was written and closed, and every background save waited for, before this point."""
     import os
 
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed (a broken pipe) or gone: nothing more can be said anyway
+            pass
     os._exit(code)
 
 
@@ -794,4 +812,4 @@ def _run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

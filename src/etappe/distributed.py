@@ -38,12 +38,14 @@ def launched_by_torchrun() -> bool:
 
 def init_from_env(device: torch.device) -> bool:
     """Join the process group torchrun describes (NCCL on CUDA, gloo on CPU). Returns whether one was joined."""
+    global _joined
     if not launched_by_torchrun() or int(os.environ.get("WORLD_SIZE", 1)) == 1 or active():
         return active()
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(local_rank())
     dist.init_process_group(backend=backend)
+    _joined = True
     return True
 
 
@@ -76,22 +78,23 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     return t.tolist()
 
 
+_joined = False  # etappe joined the group (init_from_env), so etappe leaves it; a caller's own group stays theirs
 _left = False
 
 
 def shutdown(clean: bool = True) -> None:
-    """Leave the process group. After a clean finish the ranks leave together (one that leaves while the others
-    still talk to it can hang them); after a failure this rank just goes, and torchrun stops the rest."""
-    global _left
-    if active():
+    """Leave the process group etappe joined. After a clean finish the ranks leave together (one that leaves while
+    the others still talk to it can hang them); after a failure this rank just goes, and torchrun stops the rest."""
+    global _joined, _left
+    if _joined and active():
         if clean:
             dist.barrier()
         dist.destroy_process_group()
-        _left = True
+        _joined, _left = False, True
 
 
 def left_a_group() -> bool:
-    """Whether this process joined a process group and has left it (``shutdown``)."""
+    """Whether etappe joined a process group in this process and has left it (``shutdown``)."""
     return _left
 
 

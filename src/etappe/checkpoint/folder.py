@@ -194,7 +194,7 @@ def check_strict(strict: object) -> None:
     if not isinstance(strict, bool):
         raise UsageError(f"strict: expected True or False, got a {type(strict).__name__}; strict is load()'s own "
                          "option, so an entry named 'strict' is not restored by name: take it from the result, "
-                         "obj.load_state_dict(etappe.load(path)['strict'])")
+                         "obj.load_state_dict(etappe.load(path)['strict']) (from a store: store.load()['strict'])")
 
 
 def restore(path: Path, entries: Mapping[str, Any], objects: Mapping[str, Any], *,
