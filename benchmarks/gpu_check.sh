@@ -10,7 +10,7 @@
 #    by `pip install --no-deps --no-build-isolation -e .` (nothing downloaded; PYTHONPATH=src if even that fails),
 #    and only the missing pure-Python dependencies installed, the way `make setup` would (which needs a package
 #    index). With no CUDA torch anywhere it runs `make setup` (CPU torch), and the CUDA tests then skip: it says so.
-# 3. the CUDA-marked tests: pytest -m cuda (tests/test_cuda.py: fp16 + GradScaler, bf16, async save of CUDA
+# 3. the CUDA-marked tests: pytest -m cuda (tests/test_cuda.py: fp16 + GradScaler, bf16, pinned async save of CUDA
 #    tensors, channels-last CNN; each resumes bit for bit under --deterministic)
 # 4. a short throughput comparison: 32 vs bf16-mixed vs 16-mixed, the MLP (batch 256) and the CNN (batch 64),
 #    the Trainer and a compute-only loop of the same precision, on Fashion-MNIST when installed (else random

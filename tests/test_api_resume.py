@@ -184,3 +184,22 @@ def test_an_interrupt_after_the_last_step_lets_the_run_finish(tmp_path, capsys):
     assert calls[0] == 14 and [r["epoch"] for r in history] == [1, 2]
     assert "SIGINT arrived after the last step: the run is complete" in capsys.readouterr().out
     assert (tmp_path / "run" / "metrics.jsonl").is_file()
+
+
+def test_save_into_a_run_this_trainer_has_not_resumed_is_refused_and_writes_nothing(tmp_path):
+    """Trainer.save() on a run folder holding another run's checkpoints, before resume() or fit(): it would add
+    an untrained state, never compared with the run's config, as one more checkpoint of that run."""
+    fit(tmp_path / "run", epochs=2)
+    store = etappe.CheckpointStore(tmp_path / "run" / "checkpoints")
+    before = [c.step for c in store.checkpoints()]
+    model = fresh_model()
+    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.9), nn.CrossEntropyLoss(), train_data=data(),
+                      batch_size=7, run_dir=tmp_path / "run", progress=False, quiet=True)
+    with pytest.raises(UsageError, match=r"holds a run \(checkpoints up to step 12\).*resume\(\) or fit\(\) first"):
+        trainer.save()
+    assert [c.step for c in store.checkpoints()] == before == [6, 12]
+    fresh = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.9), nn.CrossEntropyLoss(), train_data=data(),
+                    batch_size=7, run_dir=tmp_path / "new", progress=False, quiet=True)
+    assert fresh.save(wait=True).name == "step-00000000" and fresh.save(wait=True) is not None  # its own run: saves on
+    _, _, history = fit(tmp_path / "run", epochs=3)  # the run itself resumes and saves as before
+    assert [r["epoch"] for r in history] == [1, 2, 3]

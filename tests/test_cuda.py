@@ -206,6 +206,28 @@ def test_async_save_of_cuda_tensors_writes_the_bytes_a_sync_save_writes(tmp_path
         assert_same(load(path), load(expected), f"step {step}")
 
 
+def test_async_save_of_cuda_tensors_copies_into_pinned_memory_and_only_then_returns(tmp_path):
+    """The pool's buffers are page-locked for a state on the GPU, the copies from it queued and waited for before
+    save returns: the file written from fresh (zeroed) buffers at once in the background holds the state at the
+    call, not zeros nor what the GPU did next. CPU states stay unpinned."""
+    model, opt, x = cuda_state(width=1024)
+    store = CheckpointStore(tmp_path / "async", async_save=True)
+    path = store.save(1, {"model": model, "optimizer": opt})
+    expected = {k: v.cpu().clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    store.wait()
+    images = list(store._pool._images.values())
+    assert images and all(image.pinned for image in images)
+    assert all(torch.frombuffer(image.buffer, dtype=torch.uint8).is_pinned() for image in images)
+    assert_same(load(path)["model"], expected, "model")
+    cpu = CheckpointStore(tmp_path / "cpu", async_save=True)
+    cpu.save(1, {"model": nn.Linear(8, 8)})
+    cpu.wait()
+    assert not any(image.pinned for image in cpu._pool._images.values())
+
+
 def test_an_async_save_cuda_run_equals_a_sync_run(tmp_path):
     sync = train(tmp_path, "sync", BF16, 2)
     background = train(tmp_path, "async", [*BF16, "--async-save"], 2)

@@ -518,3 +518,62 @@ def test_a_stores_load_takes_strict_as_etappe_load_does(tmp_path):
     assert same(net.state_dict(), before, BACKBONE)
     with pytest.raises(UsageError, match="strict: expected True or False"):
         store.load(model=net, strict="no")
+
+
+def test_a_stores_load_takes_trusted_as_etappe_load_does(tmp_path):
+    """``trusted`` is load's own option for a store as well, not an object to restore by that name."""
+    from etappe.checkpoint import CheckpointStore
+
+    store = CheckpointStore(tmp_path / "checkpoints")
+    store.save(1, {"model": made(seed=3), "epoch": 1})
+    net = made(seed=4)
+    assert store.load(trusted=True, model=net) == {"epoch": 1}
+    assert same(net.state_dict(), made(seed=3).state_dict())
+    torch.save({"model": made(seed=5).state_dict(), "note": Note("a pickled object")}, tmp_path / "full.tar")
+    with pytest.raises(CheckpointError, match="trust"):
+        store.load(tmp_path / "full.tar", model=net)
+    assert store.load(tmp_path / "full.tar", trusted=True, model=net)["note"].text == "a pickled object"
+    assert same(net.state_dict(), made(seed=5).state_dict())
+
+
+class Note:
+    """A class a plain weights-only unpickler refuses: only a trusted load may build it."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+
+NOT_A_BOOL = st.one_of(st.text(max_size=6), st.integers(), st.floats(allow_nan=False), st.none(),
+                       st.lists(st.integers(), max_size=2), st.sampled_from(["False", "false", "no", "0", "True", 1, 0]))
+
+
+@pytest.fixture(scope="module")
+def whole_model_file(tmp_path_factory) -> Path:
+    """A torch.save of a whole pickled model: only a trusted load may unpickle it."""
+    path = tmp_path_factory.mktemp("trust") / "whole.pt"
+    torch.save(made(seed=6), path)
+    return path
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(value=NOT_A_BOOL)
+def test_trusted_is_true_or_false_and_nothing_else_lets_code_run(whole_model_file, tmp_path, value):
+    """A value that is not True or False ("False", 1, None, ...) is refused by every entry point that takes
+    ``trusted``, before the file is opened; only True unpickles it."""
+    from etappe.checkpoint import CheckpointStore
+    from etappe.export import load_model
+
+    store = CheckpointStore(tmp_path / "unused")
+    calls = {
+        "etappe.load": lambda: etappe.load(whole_model_file, trusted=value),
+        "store.load": lambda: store.load(whole_model_file, trusted=value),
+        "etappe.inspect": lambda: etappe.inspect(whole_model_file, trusted=value),
+        "etappe.diff": lambda: etappe.diff(whole_model_file, whole_model_file, trusted=value),
+        "load_model": lambda: load_model(whole_model_file, trusted=value),
+    }
+    for name, call in calls.items():
+        with pytest.raises(UsageError, match="trusted: expected True or False"):
+            call()
+    with pytest.raises(CheckpointError, match="trust"):
+        etappe.load(whole_model_file, trusted=False)
+    assert isinstance(etappe.load(whole_model_file, trusted=True)["model"], nn.Module)  # a whole model: one entry

@@ -169,6 +169,25 @@ def test_early_stopping_stops_and_stays_stopped_on_resume(tmp_path):
     assert len(history) == 3  # best at epoch 1, then two epochs without improvement
     again = trainer()
     assert len(again.fit(10)) == 3 and again.progress.stopped_early and again.progress.epochs_without_improvement == 2
+    third = trainer()  # while `again` lives on (a notebook keeps it): it let go of the run folder
+    assert len(third.fit(10)) == 3 and third.progress.stopped_early
+
+
+def test_a_call_for_fewer_epochs_after_a_resume_lets_go_of_the_run_folder(tmp_path):
+    data = small_classification(n=32)
+
+    def trainer():
+        torch.manual_seed(0)
+        model = nn.Linear(4, 3)
+        return Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), nn.CrossEntropyLoss(), train_data=data,
+                       batch_size=8, run_dir=tmp_path / "run", progress=False, quiet=True)
+
+    trainer().fit(3)
+    refused = trainer()
+    refused.resume()  # the writer of the run folder from here
+    with pytest.raises(UsageError, match="asks for fewer"):
+        refused.fit(2)
+    assert len(trainer().fit(4)) == 4  # while the refused one lives on
 
 
 # ------------------------------------------------------------------ options, one step path, setup in fit

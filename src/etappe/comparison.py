@@ -33,7 +33,7 @@ import torch
 
 from etappe.checkpoint import folder, kinds, manifest, reading, sharded, tensorfile, torchsave
 from etappe.checkpoint.errors import CheckpointError, TrustError
-from etappe.errors import UsageError, first_line
+from etappe.errors import UsageError, check_flag, first_line
 
 EQUAL, CLOSE, DIFFERS, SHAPE, DTYPE = "equal", "close", "differs", "shape", "dtype"  # an Item's status
 ONLY_A, ONLY_B = "only in A", "only in B"
@@ -149,6 +149,7 @@ def diff(a: str | os.PathLike, b: str | os.PathLike, *, atol: float | None = Non
     TorchScript archive whose modules keep their state with their own ``__setstate__``). A path that is missing
     or of a kind etappe does not read raises UsageError or CheckpointError with one line.
     """
+    check_flag("trusted", trusted)
     if atol is not None and not (atol >= 0 and math.isfinite(atol)):
         raise UsageError(f"atol must be a finite number >= 0, got {atol!r}")
     side_a, side_b = read_side(a, trusted), read_side(b, trusted)
@@ -320,7 +321,7 @@ def _read_torchscript(path: Path, trusted: bool) -> Side:
         raise CheckpointError(f"{path}: data.pkl does not hold a scripted module; the file is damaged")
     walk(root, "", 0)
     if opaque:
-        if not trusted:
+        if not check_flag("trusted", trusted):
             raise TrustError(f"{path}: a TorchScript archive whose module {opaque[0][:80]!r} keeps its state with its "
                              "own __setstate__, which only running its code reads; it is not compared without "
                              "--trust (Python: trusted=True)")

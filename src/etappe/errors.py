@@ -31,6 +31,14 @@ class TrainingError(EtappeError):
     """Training cannot go on (a non-finite loss, a failed save)."""
 
 
+def check_flag(name: str, value: object) -> bool:
+    """``value``, if it is True or False; any other value is a UsageError. A yes-or-no option that lets code run
+    (``trusted``) must not take a string such as "False", or 1, for a yes."""
+    if not isinstance(value, bool):
+        raise UsageError(f"{name}: expected True or False, got {type(value).__name__} {str(value)[:40]!r}")
+    return value
+
+
 def strip_ansi(text: str) -> str:
     """``text`` without terminal colour codes, which some libraries put in their messages."""
     return re.sub(r"\x1b\[[0-9;]*m", "", text)

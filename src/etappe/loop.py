@@ -347,6 +347,7 @@ class Trainer:
             log.refuse_tensorboard_on(self.run_dir)
         self.store = None
         self.resumed_from: Path | str | None = None
+        self._looked = False  # resume() has looked at the run folder: what it holds, this Trainer continues
         self._resumed_at: float | None = None  # where the run was resumed, in epochs done (History.resumed)
         self._started = False
 
@@ -463,9 +464,10 @@ class Trainer:
             raise UsageError(f"epochs={epochs!r} is not valid; expected a positive integer")
         if self.resumed_from is None:
             self.resume(epochs=epochs)  # starts the run first
-        self._refuse_fewer_epochs(self.progress.epoch, epochs, self.progress.batches_done_in_epoch)
         p = self.progress
-        if p.stopped_early:
+        if p.stopped_early or p.epoch > epochs or (p.epoch == epochs and p.batches_done_in_epoch > 0):
+            self._let_go()  # nothing to train: the run folder is free for the next Trainer (a notebook's next cell)
+            self._refuse_fewer_epochs(p.epoch, epochs, p.batches_done_in_epoch)
             if not self.quiet:
                 log.info(f"{self.run_dir} stopped early after epoch {p.epoch} ({self.loop.monitor} no longer improved)")
             return self.history
@@ -575,6 +577,11 @@ class Trainer:
                 self.store.close()  # its buffers freed
             except EtappeError as exc:
                 raise TrainingError(f"the last checkpoint could not be written: {exc}") from None
+
+    def _let_go(self) -> None:
+        """Let go of the run folder that ``resume`` made this Trainer the writer of (``fit`` takes it again)."""
+        if self.store is not None and self.main:
+            self.store.close()
 
     def _stop_or_save_due(self, signalled: bool, last_save: float) -> tuple[bool, bool]:
         """Whether to save and stop (a signal arrived), and whether a save by step or time cadence is due: agreed
@@ -686,6 +693,8 @@ class Trainer:
         self._start()
         if self.store is None:
             return None
+        if not self._looked:
+            self._refuse_saving_over_a_run()
         # Every rank's part (random state, epoch sums) is gathered into the one checkpoint that rank 0 commits,
         # after all ranks reached this point, so a committed checkpoint holds every rank's part.
         self.per_rank.capture(distributed.all_gather_object(self.per_rank.mine()))
@@ -713,6 +722,18 @@ class Trainer:
             distributed.barrier()
         return path
 
+    def _refuse_saving_over_a_run(self) -> None:
+        """A Trainer that has not resumed the run folder must not add its state to the run there: it has not been
+        compared with the run's config, nor does it continue the run's steps."""
+        held = distributed.broadcast_object([c.step for c in self.store.checkpoints()] if self.main else None)
+        if held:
+            raise UsageError(
+                f"{self.run_dir} holds a run (checkpoints up to step {held[-1]}); save() would add this Trainer's "
+                "state to it without resuming it: call resume() or fit() first to continue that run, or use a new "
+                "run folder"
+            )
+        self._looked = True  # this Trainer starts the run: its next saves continue it
+
     def resume(self, path: str | Path | None = None, *, epochs: int | None = None) -> Path | str | None:
         """Restore the newest valid checkpoint of the run folder (or ``path``). Returns what was loaded.
 
@@ -727,11 +748,13 @@ class Trainer:
             # restores or writes anything (config.json included)
             self.store.lock()
         try:
-            return self._resume(path, epochs)
+            found = self._resume(path, epochs)
         except BaseException:
             if self.store is not None:
                 self.store.close()  # a refused resume lets go of the folder: a corrected call may take it again
             raise
+        self._looked = True
+        return found
 
     def _resume(self, path: str | Path | None, epochs: int | None) -> Path | str | None:
         if path is None:

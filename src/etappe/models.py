@@ -20,7 +20,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from etappe.errors import EtappeError, UsageError
+from etappe.errors import EtappeError, UsageError, check_flag
 
 
 class Linear(nn.Module):
@@ -104,7 +104,7 @@ def from_file(name: Any, where: str, *, trusted: bool = False, named: str | None
     ``module:factory`` only when ``trusted`` or when the user ``named`` the same factory."""
     if not isinstance(name, str) or not name:
         raise UsageError(f"{where}: expected a model name in its config, found {name!r}; pass --model NAME")
-    if name in MODELS or trusted or name == named:
+    if name in MODELS or check_flag("trusted", trusted) or name == named:
         return name
     hint = f" (Python: trusted=True, or model={name!r})" if python else ""
     raise UsageError(

@@ -59,7 +59,7 @@ def load(path: str | os.PathLike, /, *, trusted: bool = False, strict: bool = Tr
     ``trusted=True`` allows fully unpickling a torch.save file, which can run code from it. ``strict`` and
     ``trusted`` are load's own: an entry of either name comes back in the result, not restored by name.
     """
-    check_strict(strict)
+    check_options(strict, trusted)
     from etappe import rundir
 
     if rundir.looks_like_url(path):  # a checkpoint on an object store: fetched, verified and loaded as a local one
@@ -190,11 +190,15 @@ def state_entries(state_file: Path, blob, files: Mapping[str, Any]) -> dict[str,
     return entries
 
 
-def check_strict(strict: object) -> None:
-    if not isinstance(strict, bool):
-        raise UsageError(f"strict: expected True or False, got a {type(strict).__name__}; strict is load()'s own "
-                         "option, so an entry named 'strict' is not restored by name: take it from the result, "
-                         "obj.load_state_dict(etappe.load(path)['strict']) (from a store: store.load()['strict'])")
+def check_options(strict: object, trusted: object) -> None:
+    """load()'s own options are True or False; an entry of either name is not restored by name (it comes back in
+    the result)."""
+    for name, value in (("strict", strict), ("trusted", trusted)):
+        if not isinstance(value, bool):
+            raise UsageError(f"{name}: expected True or False, got a {type(value).__name__}; {name} is load()'s own "
+                             f"option, so an entry named {name!r} is not restored by name: take it from the result, "
+                             f"obj.load_state_dict(etappe.load(path)[{name!r}]) (from a store: "
+                             f"store.load()[{name!r}])")
 
 
 def restore(path: Path, entries: Mapping[str, Any], objects: Mapping[str, Any], *,

@@ -20,6 +20,7 @@ import torch
 
 from etappe.checkpoint import codec, folder, kinds, manifest, modelfiles, sharded, tensorfile, tied, torchsave
 from etappe.checkpoint.errors import CheckpointError
+from etappe.errors import check_flag
 
 _BUFFERS = ("running_mean", "running_var", "num_batches_tracked")  # in a module state_dict, not parameters
 _OPTIMIZER_BY_KEY = [  # a param-group key only that optimizer has, for files that do not record the type
@@ -34,6 +35,7 @@ def inspect(path: str | os.PathLike, *, trusted: bool = False) -> dict[str, Any]
     """A JSON-able description of checkpoint ``path`` (an etappe checkpoint folder or a plain file). Anything
     malformed raises CheckpointError naming the file. A TorchScript, .pt2 or ONNX file is described by
     ``modelfiles.describe`` (inputs, outputs, weights), without running it, ``trusted`` or not."""
+    check_flag("trusted", trusted)
     from etappe import rundir
 
     if rundir.looks_like_url(path):  # a checkpoint on an object store: described from a local copy

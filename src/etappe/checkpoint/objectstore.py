@@ -255,10 +255,12 @@ class ObjectCheckpointStore:
             return False
         return True
 
-    def load(self, path: str | None = None, /, *, strict: bool = True, **objects: Any) -> kinds.Loaded:
+    def load(self, path: str | None = None, /, *, trusted: bool = False, strict: bool = True,
+             **objects: Any) -> kinds.Loaded:
         """As ``CheckpointStore.load``: checkpoint ``path`` (a URL), or the newest that verifies, falling back past
-        bad ones with a warning; ``strict=False`` as for ``load``."""
-        folder.check_strict(strict)
+        bad ones with a warning; ``strict=False`` as for ``load``. ``trusted`` is taken as ``load`` takes it and
+        changes nothing: a store's checkpoints hold no pickles."""
+        folder.check_options(strict, trusted)
         if path is not None:
             url = Url.of(str(path))
             entries = read_checkpoint(self.client, url, _attempt_of(url.name)[0] if _attempt_of(url.name) else None)

@@ -218,14 +218,16 @@ class CheckpointStore:
             return self.latest()
         return next(self._verified(((c.path, c.step) for c in ranked), []), None) or self.latest()
 
-    def load(self, path: str | os.PathLike | None = None, /, *, strict: bool = True, **objects: Any) -> dict[str, Any]:
+    def load(self, path: str | os.PathLike | None = None, /, *, trusted: bool = False, strict: bool = True,
+             **objects: Any) -> dict[str, Any]:
         """``load`` a checkpoint of this store; without ``path``, the latest that verifies (bad ones are skipped
-        with a warning, each read only once; one in a newer format raises NewerFormatError). ``strict`` as in
-        ``etappe.load``: False loads into a model what fits and reports the rest."""
-        folder.check_strict(strict)
+        with a warning, each read only once; one in a newer format raises NewerFormatError). ``strict`` and
+        ``trusted`` as in ``etappe.load``: strict=False loads into a model what fits and reports the rest;
+        trusted matters only for a plain torch.save file given as ``path`` (a store's checkpoints run no code)."""
+        folder.check_options(strict, trusted)
         if path is not None:
             try:
-                return folder.load(path, strict=strict, **objects)
+                return folder.load(path, trusted=trusted, strict=strict, **objects)
             except CheckpointError:
                 if not os.path.lexists(path):
                     raise CheckpointError(

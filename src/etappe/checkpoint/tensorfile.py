@@ -13,6 +13,7 @@ import math
 import mmap
 import os
 import struct
+import weakref
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,16 +102,34 @@ class Image:
                 # the format aligns data to 8 bytes: a 16-byte complex128 may sit off its alignment, and torch's
                 # vector copies fault on such a view, so it is filled by bytes
                 self._places[name] = flat.view(dtype).reshape(shape) if start % dtype.itemsize == 0 else flat
+        self.pinned = False
+
+    def pin(self) -> bool:
+        """Page-lock the buffer for copies from a GPU (``cudaHostRegister``, as torch.distributed.checkpoint's
+        stager pins its buffers): they then go by DMA, without the driver's staging copy, and ``fill`` queues them
+        without waiting (``synchronize`` before the buffer is read). Once; undone when the image is freed.
+        Returns whether the buffer is pinned (the driver may refuse: the copies then just wait, as unpinned)."""
+        if not self.pinned:
+            ptr = torch.frombuffer(self.buffer, dtype=torch.uint8).data_ptr()
+            if int(torch.cuda.cudart().cudaHostRegister(ptr, len(self.buffer), 0)) == 0:
+                # before the mmap is unmapped (the finalizer runs as the image is freed, before its buffer);
+                # not at exit, when the CUDA context may be gone already
+                weakref.finalize(self, torch.cuda.cudart().cudaHostUnregister, ptr).atexit = False
+                self.pinned = True
+        return self.pinned
 
     def fill(self, name: str, t: torch.Tensor) -> None:
-        """Copy tensor ``t`` (of the dtype and shape given for ``name``) into its place."""
+        """Copy tensor ``t`` (of the dtype and shape given for ``name``) into its place. From a GPU into a pinned
+        buffer the copy is only queued: ``synchronize`` before the buffer is read."""
         place = self._places.get(name)
         if place is None:
             return  # no bytes
+        queued = self.pinned and t.is_cuda
         if place.dtype == t.dtype:
-            place.copy_(t)  # also resolves conjugate and negative views, and fetches from devices
+            place.copy_(t, non_blocking=queued)  # also resolves conjugate and negative views, and fetches from devices
         else:
-            place.copy_(t.detach().resolve_conj().resolve_neg().contiguous().reshape(-1).view(torch.uint8))
+            place.copy_(t.detach().resolve_conj().resolve_neg().contiguous().reshape(-1).view(torch.uint8),
+                        non_blocking=queued)
 
     def write(self, path: Path, hasher=None) -> int:
         """Write the file to new file ``path`` and fsync it, from the buffer itself, around the page cache where

@@ -23,7 +23,7 @@ import torch
 
 from etappe.checkpoint import kinds
 from etappe.checkpoint.errors import CheckpointError, TrustError
-from etappe.errors import UsageError, first_line
+from etappe.errors import UsageError, check_flag, first_line
 
 # A saved key, with these endings or in this table, also answers to the name on the right: load(f, model=net)
 # finds 'model_state_dict', 'state_dict' or 'model'; load(f, modelA=a) finds 'modelA_state_dict'.
@@ -132,6 +132,7 @@ def read(path: Path, *, trusted: bool = False) -> Any:
     """The object stored in ``path``, opened without running code from the file unless ``trusted``. What the file
     is, is decided by its content alone, never by its name (torch.load itself picks safetensors by the suffix,
     so it is given an open file)."""
+    check_flag("trusted", trusted)
     size, head = sniff(path)
     if is_safetensors(head, size):
         from etappe.checkpoint import tensorfile

@@ -15,7 +15,7 @@ from torch import nn
 from etappe.checkpoint import kinds, reading
 from etappe.checkpoint.errors import TrustError
 from etappe.config import monitor_mode
-from etappe.errors import EtappeError, UsageError, first_line
+from etappe.errors import EtappeError, UsageError, check_flag, first_line
 from etappe.export.writers import FORMATS, ONNX_OUTPUT_KIND, quiet, require_onnx
 
 
@@ -117,6 +117,7 @@ def load_model(
     a compiled or DDP-wrapped model (``_orig_mod.``/``module.`` names) loads into the plain model. ``strict=False``
     loads the weights that fit by name and shape and warns, in one line, of the ones left out.
     """
+    check_flag("trusted", trusted)
     path = Path(path)
     if not path.exists():
         raise UsageError(f"{path} does not exist; expected a run folder, a checkpoint folder or a model file")
@@ -237,7 +238,7 @@ def _load_file(path: Path, overrides: dict, trusted: bool) -> tuple[nn.Module, d
     config["format"] = fmt
     if overrides["weights"] == "ema" and config.get("weights") != "ema" and fmt not in ("state-dict", "safetensors"):
         raise _no_ema(path, f"no sidecar says this {fmt} file was exported with --weights ema")
-    if fmt in _PROGRAMS and not trusted:
+    if fmt in _PROGRAMS and not check_flag("trusted", trusted):
         raise TrustError(_PROGRAMS[fmt].format(path=path))
     if fmt == "onnx":
         module: nn.Module = _opened(path, "ONNX file", lambda: OnnxModule(path))
