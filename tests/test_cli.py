@@ -212,3 +212,14 @@ def test_fashion_mnist_cnn_reaches_the_seed_level(tmp_path):
     assert out.returncode == 0, out.stderr
     accuracy = float(out.stdout.strip().splitlines()[-1].split("test accuracy ")[1].split("%")[0])
     assert accuracy >= 86.5, out.stdout
+
+
+def test_version_prints_the_installed_version_and_trains_nothing(capsys, tmp_path, monkeypatch):
+    from importlib.metadata import version
+
+    from etappe.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"etappe {version('etappe')}\n"
+    assert list(tmp_path.iterdir()) == []  # not taken for `etappe train --version`

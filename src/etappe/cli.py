@@ -587,9 +587,19 @@ def _add_training_flags(parser: argparse.ArgumentParser, config_help: str, trust
     parser.add_argument("--trust", action="store_true", help=trust_help)
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("etappe")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "(not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="etappe", description="Train, evaluate, checkpoint, resume and export "
                                      "PyTorch models. With no command, trains the CNN on the embedded digits set.")
+    parser.add_argument("--version", action="version", version=f"etappe {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     train = sub.add_parser("train", help="train a model (resumes an existing --run-dir)")
@@ -739,7 +749,7 @@ def _show_warning(message: Warning | str, category: type[Warning], filename: str
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")):
         argv = ["train", *argv]
     try:
         args, extra = parser.parse_known_args(argv)
