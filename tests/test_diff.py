@@ -598,3 +598,112 @@ def test_hugging_face_folder(tmp_path):
     etappe.save(tmp_path / "ckpt", model=net, config={"model_type": "toy", "hidden_size": 8})
     result = etappe.diff(folder, tmp_path / "ckpt")
     assert differing(result) == [("config/hidden_size", DIFFERS)]
+
+
+# ----------------------------------------------------------------- safetensors: the library's header rule, and size
+
+def _safetensors_bytes(entries: list[tuple[str, int, int, int]], data_size: int) -> bytes:
+    """A safetensors file of U8 tensors: (name, start, end, numel) each, in the header's JSON text in that order
+    (a name may come twice), then ``data_size`` bytes of data."""
+    items = [f'"{name}": {{"dtype": "U8", "shape": [{numel}], "data_offsets": [{start}, {end}]}}'
+             for name, start, end, numel in entries]
+    text = ("{" + ", ".join(items) + "}").encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + bytes(range(256)) * (data_size // 256) + bytes(data_size % 256)
+
+
+@st.composite
+def headers(draw):
+    """Tensors laid end to end (the rule), then perhaps one thing changed: an overlap, a gap, bytes after them,
+    a length that is not the numel's, or a name given twice (the same entry again, or one for bytes after)."""
+    sizes = draw(st.lists(st.integers(0, 6), min_size=1, max_size=4))
+    entries, at = [], 0
+    for i, size in enumerate(sizes):
+        entries.append([f"t{i}", at, at + size, size])
+        at += size
+    data_size = at
+    change = draw(st.sampled_from(["none", "shift", "grow", "tail", "numel", "twice", "twice-after"]))
+    i = draw(st.integers(0, len(entries) - 1))
+    if change == "shift":  # a range moved: it overlaps its neighbour or leaves a gap
+        d = draw(st.integers(-3, 3).filter(bool))
+        entries[i][1] = max(0, entries[i][1] + d)
+        entries[i][2] = max(entries[i][1], entries[i][2] + d)
+        entries[i][3] = entries[i][2] - entries[i][1]
+        data_size = max(data_size, entries[i][2])
+    elif change == "grow":  # one range longer, the data too: it overlaps the next one's bytes
+        entries[i][2] += 1
+        entries[i][3] += 1
+        data_size = max(data_size, entries[i][2])
+    elif change == "tail":
+        data_size += draw(st.integers(1, 9))
+    elif change == "numel":
+        entries[i][3] += 1
+    elif change == "twice":
+        entries.append(list(entries[i]))
+    elif change == "twice-after":  # the last one counts: the first one's bytes are left unused (unless empty)
+        size = draw(st.integers(0, 3))
+        entries.append([f"t{i}", data_size, data_size + size, size])
+        data_size += size
+    return [tuple(e) for e in entries], data_size
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(header=headers())
+def test_a_safetensors_header_etappe_reads_is_one_the_safetensors_library_reads(tmp_path, header):
+    """diff, load and the async images read safetensors files with etappe's own parser (tensorfile.parse): it
+    takes exactly the files the safetensors library takes (no overlapping tensors, no unused bytes; of a name
+    given twice, the last), and the same tensors."""
+    from etappe.checkpoint import CheckpointError, tensorfile
+
+    entries, data_size = header
+    raw = _safetensors_bytes(list(entries), data_size)
+    try:
+        theirs = safetensors.torch.load(raw)
+    except Exception:  # noqa: BLE001 - the library's errors are of several kinds: refused is what counts
+        theirs = None
+    try:
+        ours = tensorfile.parse(bytearray(raw), tmp_path / "x.safetensors")
+    except CheckpointError:
+        ours = None
+    assert (ours is None) == (theirs is None), (entries, data_size, theirs is None)
+    if ours is not None:
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_diff_refuses_overlapping_tensors_and_a_name_given_twice_as_inspect_does(tmp_path, capsys):
+    overlap = tmp_path / "overlap.safetensors"
+    overlap.write_bytes(_safetensors_bytes([("a", 0, 4, 4), ("b", 0, 4, 4)], 4))
+    twice = tmp_path / "twice.safetensors"  # the second 'a' counts: bytes 0..4 belong to no tensor
+    twice.write_bytes(_safetensors_bytes([("a", 0, 4, 4), ("a", 4, 8, 4)], 8))
+    for path, said in ((overlap, "overlaps the tensor before it"), (twice, "leaves bytes 0..4 unused")):
+        assert main(["diff", str(path), str(path)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("etappe: error: ") and said in err and len(err.strip().splitlines()) == 1, err
+        assert main(["inspect", str(path)]) == 1  # refused by both, as by the library
+        capsys.readouterr()
+
+
+def test_a_file_larger_than_the_memory_a_process_may_use_is_one_error_line(tmp_path):
+    """A sparse 17 GB safetensors file whose header is valid, diffed by a process limited to 8 GB of address
+    space: mapping it fails, and reading it instead would fail too; one line, no traceback (it was a MemoryError)."""
+    import resource
+    import subprocess
+    import sys
+
+    big = tmp_path / "big.safetensors"
+    numel = 4 * 2**30
+    text = json.dumps({"w": {"dtype": "F32", "shape": [numel], "data_offsets": [0, 4 * numel]}}).encode()
+    text += b" " * (-len(text) % 8)
+    with open(big, "wb") as f:
+        f.write(len(text).to_bytes(8, "little") + text)
+        f.truncate(8 + len(text) + 4 * numel)  # sparse: no disk used
+    small = tmp_path / "small.safetensors"
+    safetensors.torch.save_file({"w": torch.zeros(2)}, small)
+
+    def limited():
+        resource.setrlimit(resource.RLIMIT_AS, (8 * 2**30, 8 * 2**30))
+
+    out = subprocess.run([sys.executable, "-m", "etappe", "diff", str(big), str(small)], capture_output=True,
+                         text=True, timeout=300, preexec_fn=limited)
+    _one_error_line(out)
+    assert "do not fit in this process's memory" in out.stderr

@@ -528,6 +528,8 @@ def test_a_stores_load_takes_trusted_as_etappe_load_does(tmp_path):
     store.save(1, {"model": made(seed=3), "epoch": 1})
     net = made(seed=4)
     assert store.load(trusted=True, model=net) == {"epoch": 1}
+    with pytest.raises(CheckpointError, match=r"no entry 'path'.*comes first, without a name"):
+        store.load(path=store.latest(), model=net)
     assert same(net.state_dict(), made(seed=3).state_dict())
     torch.save({"model": made(seed=5).state_dict(), "note": Note("a pickled object")}, tmp_path / "full.tar")
     with pytest.raises(CheckpointError, match="trust"):
@@ -577,3 +579,40 @@ def test_trusted_is_true_or_false_and_nothing_else_lets_code_run(whole_model_fil
     with pytest.raises(CheckpointError, match="trust"):
         etappe.load(whole_model_file, trusted=False)
     assert isinstance(etappe.load(whole_model_file, trusted=True)["model"], nn.Module)  # a whole model: one entry
+
+
+class Marker:
+    """Unpickling it writes a file: the proof that a file ran code."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_verify_of_a_plain_file_says_what_it_checked_and_what_loading_it_needs(tmp_path, capsys):
+    """A plain file verifies by its own checksums (a zip's CRC-32s) or its header, and the line says so, and
+    whether loading it needs --trust; nothing in it runs. A Hugging Face folder's config.json must parse too."""
+    net = made(seed=10)
+    torch.save(net.state_dict(), tmp_path / "weights.pt")
+    torch.save({"model": net.state_dict(), "x": Marker(str(tmp_path / "RAN"))}, tmp_path / "evil.pt")
+    torch.jit.save(torch.jit.script(net), tmp_path / "net.ts")
+    safetensors.torch.save_file(net.state_dict(), tmp_path / "weights.safetensors")
+    expected = {
+        "weights.pt": "a torch.save file: the CRC-32s of its",
+        "evil.pt": "loading it needs --trust (full unpickling of io.open, which runs code)",
+        "net.ts": "a TorchScript archive: the CRC-32s of its",
+        "weights.safetensors": "a safetensors file: its header parses",
+    }
+    for name, said in expected.items():
+        assert main(["verify", str(tmp_path / name)]) == 0
+        out = capsys.readouterr().out
+        assert out.startswith(f"ok    {tmp_path / name}: ") and said in out and len(out.splitlines()) == 1, out
+    assert "opens without running code" not in expected["evil.pt"]
+    assert not (tmp_path / "RAN").exists()
+
+    folder = hf_folder(tmp_path / "hf", made(TiedLM, seed=26), 1)
+    assert main(["verify", str(folder)]) == 0 and "config.json parses" in capsys.readouterr().out
+    (folder / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    assert main(["verify", str(folder)]) == 1 and "FAIL" in capsys.readouterr().out

@@ -438,6 +438,15 @@ def cmd_verify(args: argparse.Namespace) -> int:
             print(f"FAIL  {' '.join(str(exc).split())}")
             return 1
         return 0
+    if Path(args.path).is_file():  # a plain file: its own checksums, if it has any, and what loading it needs
+        from etappe.checkpoint import torchsave
+
+        try:
+            print(f"ok    {args.path}: {torchsave.verify(Path(args.path))}")
+        except CheckpointError as exc:
+            print(f"FAIL  {' '.join(str(exc).split())}")
+            return 1
+        return 0
     results = verify_tree(args.path)
     if not results:
         raise EtappeError(f"{args.path}: no checkpoint found (expected a checkpoint folder or a run folder)")

@@ -95,7 +95,8 @@ def verify(path: str | os.PathLike, *, step: int | None = None) -> None:
         return None
     path = Path(path)
     if path.is_file():
-        return torchsave.verify(path)
+        torchsave.verify(path)
+        return None
     if hf.is_folder(path):
         hf.verify(path)
         return None
@@ -207,7 +208,8 @@ def restore(path: Path, entries: Mapping[str, Any], objects: Mapping[str, Any], 
     ``strict=False``: a (whole, not sharded) model takes what fits (``kinds.load_into``)."""
     for name, obj in objects.items():
         if name not in entries:
-            raise CheckpointError(f"{path} has no entry {name!r}; it holds: {', '.join(entries) or 'nothing'}")
+            hint = "; the checkpoint's path comes first, without a name: load(path, ...)" if name == "path" else ""
+            raise CheckpointError(f"{path} has no entry {name!r}; it holds: {', '.join(entries) or 'nothing'}{hint}")
         if not kinds.is_stateful(obj):
             raise UsageError(
                 f"cannot restore {name!r} into a {type(obj).__name__}: pass objects with load_state_dict(); "

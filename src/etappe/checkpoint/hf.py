@@ -88,9 +88,10 @@ def verify(path: Path) -> str:
     """Check a Hugging Face style folder as far as it can be checked (``contents``); return what was checked, in
     a line. Such a folder has no checksums: a flipped bit inside a tensor's data goes unseen."""
     c = contents(path)
+    config = "" if _config(path) is None else "; config.json parses"
     what = f"{len(c.files)} shards, index checked" if c.sharded else "one file"
     return (f"a {FORMAT} ({what}, {len(c.tensors)} tensors, {sum(c.sizes.values())} bytes): each file's header "
-            "parses and its tensors fill it exactly; it has no checksums to check")
+            f"parses and its tensors fill it exactly{config}; it has no checksums to check")
 
 
 def load(path: Path, objects: Mapping[str, Any], *, strict: bool = True) -> kinds.Loaded:

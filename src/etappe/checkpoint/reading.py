@@ -107,8 +107,15 @@ def map_fd(fd: int, size: int, where: Path) -> mmap.mmap | bytes | bytearray:
         return b""
     try:
         return mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
-    except OSError:  # a file system that cannot map files: read them
-        buf = bytearray(size)
+    except OSError as e:  # a file system that cannot map files: read them, if they fit in memory
+        if e.errno == errno.ENOMEM:
+            raise CheckpointError(f"{where}: {size} bytes do not fit in this process's memory (mmap: out of "
+                                  "memory); the file is too large for this machine, or damaged") from None
+        try:
+            buf = bytearray(size)
+        except MemoryError:
+            raise CheckpointError(f"{where}: {size} bytes do not fit in this process's memory; the file is too "
+                                  "large for this machine, or damaged") from None
         view, done = memoryview(buf), 0
         while done < size and (n := os.preadv(fd, [view[done:]], done)):
             done += n

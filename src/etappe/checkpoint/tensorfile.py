@@ -213,7 +213,7 @@ def _header(first8: bytes, read, size: int, where: Path) -> tuple[dict, int]:
     text = bytes(read(n))
     check_tensor_count(text, where)
     try:
-        header = json.loads(text)
+        header = json.loads(text)  # a name given twice: the last one counts, as in the safetensors library
     except (ValueError, RecursionError) as e:
         raise CheckpointError(f"{where}: malformed safetensors header: {type(e).__name__}: {str(e)[:200]}") from None
     if not isinstance(header, dict):
@@ -233,7 +233,26 @@ def _header(first8: bytes, read, size: int, where: Path) -> tuple[dict, int]:
         start, end = info["data_offsets"]
         if not 0 <= start <= end <= size - base:
             raise CheckpointError(f"{where}: tensor {name[:80]!r} at bytes {start}..{end} lies outside the file")
+    _check_tiling(header, size - base, where)
     return header, base
+
+
+def _check_tiling(header: dict, data_size: int, where: Path) -> None:
+    """The safetensors library's rule: the tensors' byte ranges, in order, tile the data exactly, from its first
+    byte to the file's end, each range starting where the one before it ended. No two tensors share bytes (a tied
+    weight is stored once, under one name), and no bytes lie between or after them."""
+    ranges = sorted((info["data_offsets"][0], info["data_offsets"][1], name) for name, info in header.items()
+                    if name != "__metadata__")
+    at = 0
+    for start, end, name in ranges:
+        if start != at:
+            what = "overlaps the tensor before it" if start < at else f"leaves bytes {at}..{start} unused before it"
+            raise CheckpointError(f"{where}: malformed safetensors header: tensor {name[:80]!r} at bytes "
+                                  f"{start}..{end} {what}")
+        at = end
+    if at != data_size:
+        raise CheckpointError(f"{where}: malformed safetensors header: the tensors end at byte {at} of the data, "
+                              f"which is {data_size} bytes long: the file is truncated or damaged")
 
 
 def check_tensor_count(header: bytes, where: Path) -> None:

@@ -311,16 +311,18 @@ def load(path: Path, objects: Mapping[str, Any], *, trusted: bool = False, stric
     return kinds.Loaded({k: v for k, v in found.items() if k not in plan.values()}, reports)
 
 
-def verify(path: Path) -> None:
-    """Check a plain file as far as it can be checked: the CRC-32 of every member of a torch.save zip archive."""
+def verify(path: Path) -> str:
+    """Check a plain file as far as it can be checked: the CRC-32 of every member of a zip archive (torch.save,
+    TorchScript, .pt2), or a safetensors file's header against its size. Returns what was checked and what
+    loading it needs, in a line; raises CheckpointError for a damaged file. Nothing in the file runs."""
     with open(path, "rb") as f:
         head = f.read(16)
     if is_safetensors(head, path.stat().st_size):
         read(path)
-        return
+        return "a safetensors file: its header parses and its tensors fill it exactly (the format has no checksums)"
     if not zipfile.is_zipfile(path):
         raise CheckpointError(f"{path}: not a zip-format torch.save file, so it holds no checksums to verify")
-    check_archive(path)  # before testzip decompresses anything
+    infos = check_archive(path)  # before testzip decompresses anything
     try:
         with zipfile.ZipFile(path) as z:
             bad = z.testzip()
@@ -328,6 +330,19 @@ def verify(path: Path) -> None:
         raise CheckpointError(f"{path}: corrupt torch.save archive: {first_line(e)}") from None
     if bad is not None:
         raise CheckpointError(f"{path}: member {bad} fails its CRC-32 check; the file is corrupt")
+    crcs = f"the CRC-32s of its {len(infos)} members match"
+    kind = archive_kind(infos)
+    if kind == "torchscript":
+        return f"a TorchScript archive: {crcs}; it is a program, and running it needs --trust"
+    if kind == "export":
+        return f"a torch.export program (.pt2): {crcs}; it is a program, and running it needs --trust"
+    try:
+        read(path)
+    except TrustError as e:
+        culprit = re.search(r"\(it refers to (\S+)\)", str(e))
+        return (f"a torch.save file: {crcs}; loading it needs --trust (full unpickling"
+                f"{f' of {culprit[1]}' if culprit else ''}, which runs code)")
+    return f"a torch.save file: {crcs}, and it opens without running code"
 
 
 def _match(name: str, obj: Any, found: Mapping[str, Any], taken: set[str]) -> str | None:
