@@ -1,10 +1,11 @@
 """Async save's two parts: a pool that snapshots a checkpoint's tensors at call time into its files built in
 memory, and a writer that runs one save at a time in a background thread and keeps its failure until told.
 
-The pool allocates on the first save and is reused after: copying into memory already faulted in runs several
-times faster than into fresh memory, and the copy is most of what the caller waits for. For a state on a GPU the
-pool's buffers are pinned (page-locked), so the copies from the device go by DMA. Because each file is already whole in one page-aligned buffer, the writer sends it to the disk with
-O_DIRECT, around the page cache, and takes next to no CPU from the training that goes on meanwhile.
+The pool allocates on the first save and is reused after: copying into memory already faulted in runs several times
+faster than into fresh memory, and the copy is most of what the caller waits for. For a state on a GPU the pool's
+buffers are pinned (page-locked), so the copies from the device go by DMA. Because each file is already whole in one
+page-aligned buffer, the writer sends it to the disk with O_DIRECT, around the page cache, and takes next to no CPU
+from the training that goes on meanwhile.
 """
 
 import os
