@@ -31,11 +31,11 @@ class TrainingError(EtappeError):
     """Training cannot go on (a non-finite loss, a failed save)."""
 
 
-def check_flag(name: str, value: object) -> bool:
-    """``value``, if it is True or False; any other value is a UsageError. A yes-or-no option that lets code run
-    (``trusted``) must not take a string such as "False", or 1, for a yes."""
+def check_flag(name: str, value: object, hint: str = "") -> bool:
+    """``value``, if it is True or False; any other value is a UsageError (``hint`` added to its line). A yes-or-no
+    option that lets code run (``trusted``) must not take a string such as "False", or 1, for a yes."""
     if not isinstance(value, bool):
-        raise UsageError(f"{name}: expected True or False, got {type(value).__name__} {str(value)[:40]!r}")
+        raise UsageError(f"{name}: expected True or False, got a {type(value).__name__}{hint}")
     return value
 
 

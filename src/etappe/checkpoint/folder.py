@@ -20,7 +20,7 @@ import torch
 
 from etappe.checkpoint import codec, fsio, hf, kinds, manifest, sharded, tensorfile, tied, torchsave
 from etappe.checkpoint.errors import CheckpointError, NewerFormatError
-from etappe.errors import UsageError
+from etappe.errors import UsageError, check_flag
 
 STATE = "state.json"
 _ENTRY_NAME = re.compile(r"[A-Za-z0-9_-]+")  # no dots: "model.1.safetensors" can never be another entry's file
@@ -195,11 +195,9 @@ def check_options(strict: object, trusted: object) -> None:
     """load()'s own options are True or False; an entry of either name is not restored by name (it comes back in
     the result)."""
     for name, value in (("strict", strict), ("trusted", trusted)):
-        if not isinstance(value, bool):
-            raise UsageError(f"{name}: expected True or False, got a {type(value).__name__}; {name} is load()'s own "
-                             f"option, so an entry named {name!r} is not restored by name: take it from the result, "
-                             f"obj.load_state_dict(etappe.load(path)[{name!r}]) (from a store: "
-                             f"store.load()[{name!r}])")
+        check_flag(name, value, f"; {name} is load()'s own option, so an entry named {name!r} is not restored by "
+                                f"name: take it from the result, obj.load_state_dict(etappe.load(path)[{name!r}]) "
+                                f"(from a store: store.load()[{name!r}])")
 
 
 def restore(path: Path, entries: Mapping[str, Any], objects: Mapping[str, Any], *,
