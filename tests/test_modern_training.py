@@ -265,6 +265,7 @@ def test_sigkill_at_random_moments_then_resume_is_bit_exact(case, reference, scr
     args = [*CASES[case], "--epochs", "3", "--run-dir", "run"]
     moments = ["window", "window", "write", "window", "commit", "epoch"]  # a pause at a chosen forward lands
     landed = [(moment, *kill_once(moment, args, cwd, rng, monkeypatch)) for moment in moments]
+    print(f"kills (moment, landed, inside its window): {landed}")
     monkeypatch.delenv("FORWARDS_FILE")
     finished = run_cli("train", *args, "--quiet", cwd=cwd)
     assert finished.returncode == 0, finished.stderr
