@@ -7,6 +7,7 @@ from torch import nn
 
 import etappe
 from etappe.data import TensorData, load_dataset
+from etappe.checkpoint.errors import CheckpointError
 from etappe.errors import EtappeError, TrainingError, UsageError
 from etappe.loop import Trainer, evaluate
 
@@ -188,6 +189,32 @@ def test_a_call_for_fewer_epochs_after_a_resume_lets_go_of_the_run_folder(tmp_pa
     with pytest.raises(UsageError, match="asks for fewer"):
         refused.fit(2)
     assert len(trainer().fit(4)) == 4  # while the refused one lives on
+
+
+def test_close_lets_go_of_a_run_folder_that_resume_or_save_took(tmp_path):
+    data = small_classification(n=32)
+
+    def trainer(**kw):
+        torch.manual_seed(0)
+        model = nn.Linear(4, 3)
+        return Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), nn.CrossEntropyLoss(), train_data=data,
+                       batch_size=8, run_dir=tmp_path / "run", progress=False, quiet=True, **kw)
+
+    trainer().fit(1)
+    first = trainer(async_save=True)
+    first.resume()  # a notebook cell that resumed to look, then saved in the background
+    first.save()
+    with pytest.raises(CheckpointError, match=r"another CheckpointStore of this process .* the Trainer .* close\(\)"):
+        trainer().resume()
+    first.close()  # waits for the background save: it is committed, and the folder is free
+    assert [c.step for c in first.store.checkpoints()][-1] == first.progress.step
+    with trainer() as second:
+        assert second.resume() is not None
+        assert len(second.fit(2)) == 2
+    with trainer() as third:
+        third.resume()
+    assert len(trainer().fit(3)) == 3  # every one of them let go
+    first.close()  # closing twice is harmless
 
 
 # ------------------------------------------------------------------ options, one step path, setup in fit

@@ -578,6 +578,28 @@ class Trainer:
             except EtappeError as exc:
                 raise TrainingError(f"the last checkpoint could not be written: {exc}") from None
 
+    def close(self) -> None:
+        """Let go of the run folder: wait for a checkpoint written in the background, then release the writer lock
+        that ``resume()`` or ``save()`` took, so another Trainer (a notebook's next cell) may write the run. ``fit``
+        releases it itself when it returns; a later ``fit`` or ``resume`` takes it again. ``with Trainer(...) as t:``
+        closes at the end of the block."""
+        try:
+            self._let_go()
+        except EtappeError as exc:
+            raise TrainingError(f"the last checkpoint could not be written: {exc}") from None
+
+    def __enter__(self) -> "Trainer":
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        if kind is None:
+            self.close()
+            return
+        try:  # the block's own error is the one to see
+            self._let_go()
+        except EtappeError as exc:
+            log.warn(f"the checkpoint being written in the background failed as well: {exc}")
+
     def _let_go(self) -> None:
         """Let go of the run folder that ``resume`` made this Trainer the writer of (``fit`` takes it again)."""
         if self.store is not None and self.main:

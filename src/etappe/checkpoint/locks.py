@@ -120,7 +120,8 @@ def lock_writer(folder: Path) -> Lock | None:
         if ours:
             raise CheckpointError(
                 f"{folder} is being written by another CheckpointStore of this process (pid {os.getpid()}); "
-                "one writer per run folder: close() the other store first"
+                "one writer per run folder: close() the other store (or the Trainer that resumed or saved the run: "
+                "its close()) first"
             )
         raise CheckpointError(
             f"{folder} is being written by another process ({holder or _flock_holder(folder)}); one writer per run "
