@@ -3,6 +3,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import etappe
@@ -217,12 +219,181 @@ def test_close_lets_go_of_a_run_folder_that_resume_or_save_took(tmp_path):
     first.close()  # closing twice is harmless
 
 
+def test_a_background_save_failure_once_reported_does_not_stop_the_next_saves(tmp_path):
+    # a real write failure in the background writer (a file-size limit: EFBIG, as a full disk fails with ENOSPC),
+    # then room again: close() reports it; after that a second close() is quiet and the next fit saves afresh
+    from tests.test_checkpoint_async import FileSizeLimit
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 100_000), nn.Linear(100_000, 3))  # 3.2 MB of weights
+    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), nn.CrossEntropyLoss(),
+                      train_data=small_classification(n=32), batch_size=8, run_dir=tmp_path / "run",
+                      async_save=True, progress=False, quiet=True)
+    trainer.resume()
+    with FileSizeLimit(1 << 20):
+        trainer.save()
+        with pytest.raises(TrainingError, match="File too large"):
+            trainer.close()
+    trainer.close()  # told once
+    assert len(trainer.fit(2)) == 2
+    assert [c.step for c in trainer.store.checkpoints()] == [4, 8]
+
+
+def _trainer_on(run, data, lr=0.1, **kw):
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    return Trainer(model, torch.optim.SGD(model.parameters(), lr=lr), nn.CrossEntropyLoss(), train_data=data,
+                   batch_size=8, run_dir=run, progress=False, quiet=True, **kw)
+
+
+@pytest.mark.parametrize("let_go", ["fit returned", "close"])
+def test_a_trainer_whose_run_another_one_moved_on_is_refused_before_it_writes(tmp_path, let_go):
+    # a notebook: cell 2's Trainer trains 2 epochs; cell 3 continues the run to 4; cell 2 run
+    # again (t.fit(5)) would train from epoch 2 and overwrite steps 12-16 with no word: refused, nothing lost
+    data, run = small_classification(n=32), tmp_path / "run"
+    first = _trainer_on(run, data)
+    first.fit(2)
+    if let_go == "close":
+        first.close()
+    other = _trainer_on(run, data)
+    other.fit(4)
+    other.close()
+    held = {c.step: (c.path / "manifest.json").read_bytes() for c in other.store.checkpoints()}
+    assert max(held) == 16
+    with pytest.raises(UsageError, match=r"moved on to step 16, past this Trainer.s step 8 .* resume\(\)"):
+        first.fit(5)
+    with pytest.raises(UsageError, match="moved on to step 16"):
+        first.save()
+    assert {c.step: (c.path / "manifest.json").read_bytes() for c in other.store.checkpoints()} == held
+    assert first.resume() is not None and first.progress.step == 16  # what the refusal says to do
+    assert len(first.fit(5)) == 5
+    first.close()
+    assert len(_trainer_on(run, data).fit(5)) == 5  # the folder was let go
+
+
+def test_a_trainer_that_let_go_takes_its_run_folder_again_when_nobody_moved_it_on(tmp_path):
+    data, run = small_classification(n=32), tmp_path / "run"
+    t = _trainer_on(run, data)
+    t.fit(1)
+    t.close()
+    t.fit(2)  # its own run, where it left it
+    t.save()  # after fit let go: takes it again
+    t.close()
+    looked = _trainer_on(run, data)
+    looked.resume()
+    looked.close()  # another Trainer that only looked (moved nothing on)
+    assert len(t.fit(3)) == 3
+    straight = _trainer_on(tmp_path / "straight", data)
+    straight.fit(3)
+    assert torch.equal(t.models["model"].weight, straight.models["model"].weight)
+
+
+
+class BreaksMidStep(nn.Module):
+    """A linear model whose forward, armed, spoils its weights and raises: a step left half done (a second Ctrl-C
+    in the middle of one)."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear, self.calls, self.break_at = nn.Linear(4, 3), 0, None
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls == self.break_at:
+            with torch.no_grad():
+                self.linear.weight.add_(1.0)
+            raise RuntimeError("stopped in the middle of a step")
+        return self.linear(x)
+
+
+def test_after_a_fit_that_failed_the_next_fit_resumes_from_the_checkpoint_not_a_half_done_step(tmp_path):
+    data = small_classification(n=32)
+
+    def trainer(run):
+        torch.manual_seed(0)
+        model = BreaksMidStep()
+        return model, Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), nn.CrossEntropyLoss(),
+                              train_data=data, batch_size=8, run_dir=run, progress=False, quiet=True)
+
+    trainer(tmp_path / "run")[1].fit(1)  # a run the next Trainer resumes (step 4)
+    model, t = trainer(tmp_path / "run")
+    t.resume()
+    model.break_at = 3  # epoch 2's third batch
+    with pytest.raises(RuntimeError, match="middle of a step"):
+        t.fit(3)
+    model.break_at = None
+    t.fit(3)
+    straight, s = trainer(tmp_path / "straight")
+    s.fit(3)
+    assert torch.equal(model.linear.weight, straight.linear.weight)
+
+def test_resuming_another_runs_checkpoint_into_a_folder_holding_a_run_is_refused(tmp_path):
+    data = small_classification(n=32)
+    a, b = _trainer_on(tmp_path / "a", data), _trainer_on(tmp_path / "b", data)  # alike: no config tells them apart
+    a.fit(2)
+    b.fit(3)
+    a.close(), b.close()
+    held = {c.step: (c.path / "manifest.json").read_bytes() for c in a.store.checkpoints()}
+    from_b = b.store.checkpoints()[0].path
+    into_a = _trainer_on(tmp_path / "a", data)
+    with pytest.raises(UsageError, match=r"holds a run \(checkpoints up to step 8\); resume\(.*\) would continue "):
+        into_a.resume(from_b)
+    assert {c.step: (c.path / "manifest.json").read_bytes() for c in a.store.checkpoints()} == held
+    own = _trainer_on(tmp_path / "a", data)
+    assert own.resume(a.store.checkpoints()[-1].path) is not None  # its own checkpoint, named: fine
+    assert len(own.fit(3)) == 3
+    own.close()
+    fresh = _trainer_on(tmp_path / "c", data)
+    assert fresh.resume(from_b) is not None  # into an empty folder: a new run starting from B's state
+    assert len(fresh.fit(3)) == 3
+
+
+
+def _weights_by_step(run) -> dict[int, bytes]:
+    from etappe.checkpoint import CheckpointStore
+
+    if not (run / "checkpoints").exists():
+        return {}
+    return {c.step: b"".join(t.numpy().tobytes() for t in etappe.load(c.path)["model"].values())
+            for c in CheckpointStore(run / "checkpoints").checkpoints()}  # a reader: takes no lock
+
+
+REFUSALS = ["being written by another", "moved on to step", "asks for fewer", "holds a run"]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.integers(0, 1), st.sampled_from(["fit", "fit", "save", "close", "resume"]),
+                          st.integers(1, 2)), min_size=1, max_size=10))
+def test_trainers_sharing_a_run_folder_never_lose_a_checkpoint(tmp_path_factory, ops):
+    # Two Trainers of a notebook, each with its own learning rate (another lineage of weights), in any order:
+    # whatever each is refused, a checkpoint once committed keeps its weights (keep-all retention: none is pruned).
+    data, run = small_classification(n=16), tmp_path_factory.mktemp("shared") / "run"
+    trainers = [_trainer_on(run, data, lr=0.1 * (i + 1), allow_config_change=True, keep_last=1000) for i in range(2)]
+    committed: dict[int, bytes] = {}
+    for who, op, more in ops:
+        t = trainers[who]
+        try:
+            if op == "fit":
+                t.fit(t.progress.epoch + more)
+            elif op == "save":
+                t.save(wait=True)
+            elif op == "close":
+                t.close()
+            else:
+                t.resume()
+        except (UsageError, CheckpointError, TrainingError) as refused:  # a refusal, or another Trainer holds it
+            said = str(refused)
+            assert "\n" not in said and any(w in said for w in REFUSALS), said
+        now = _weights_by_step(run)
+        assert {step: now.get(step) for step in committed} == committed, f"after trainer {who}'s {op}"
+        committed = now
+    for t in trainers:
+        t.close()
+
 # ------------------------------------------------------------------ options, one step path, setup in fit
 
 from dataclasses import fields as _fields  # noqa: E402
 
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
 
 from etappe.config import LoopOptions, SaveOptions, ShowOptions, TrainConfig  # noqa: E402
 from etappe.loop import SupervisedStep  # noqa: E402

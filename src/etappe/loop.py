@@ -348,6 +348,9 @@ class Trainer:
         self.store = None
         self.resumed_from: Path | str | None = None
         self._looked = False  # resume() has looked at the run folder: what it holds, this Trainer continues
+        # The newest step this Trainer has seen in its run folder or written there: taking the folder (again), a
+        # newer one means another Trainer moved the run on meanwhile.
+        self._newest_seen: int | None = None
         self._resumed_at: float | None = None  # where the run was resumed, in epochs done (History.resumed)
         self._started = False
 
@@ -462,7 +465,7 @@ class Trainer:
         A run with more epochs done than ``epochs`` is refused (UsageError), before anything is restored."""
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
             raise UsageError(f"epochs={epochs!r} is not valid; expected a positive integer")
-        if self.resumed_from is None:
+        if not self._looked:
             self.resume(epochs=epochs)  # starts the run first
         p = self.progress
         if p.stopped_early or p.epoch > epochs or (p.epoch == epochs and p.batches_done_in_epoch > 0):
@@ -554,56 +557,71 @@ class Trainer:
     def _writing(self) -> Iterator[Any]:
         """The run folder while ``fit`` writes to it: this Trainer its one writer (a second one stops here), and
         its tensorboard log open. At the end every checkpoint written in the background is committed; after a
-        failure one in flight is still committed (it holds a good state from before the failure)."""
-        writing = self.store is not None and self.main
+        failure one in flight is still committed (it holds a good state from before the failure), and the next
+        ``fit`` resumes from the newest checkpoint first: the objects may hold a step half done (a second Ctrl-C)."""
         tensorboard = None
+        if self.store is not None:
+            self._take_folder()  # held until close(), below
         try:
-            if writing:
-                self.store.lock()  # held until close(), below
             # in the try: a refused tensorboard folder (a link out of the run) lets go of the run folder too
             tensorboard = log.tensorboard_writer(self.run_dir, self.progress.epoch) if self.show.tensorboard and self.main else None
             yield tensorboard
         except BaseException:
-            if writing:
-                try:
-                    self.store.close()
-                except EtappeError as exc:
-                    log.warn(f"the checkpoint being written in the background failed as well: {exc}")
+            self._looked = False
+            self._close_store(after_failure=True)
             raise
         if tensorboard is not None:
             tensorboard.close()
-        if writing:
-            try:
-                self.store.close()  # its buffers freed
-            except EtappeError as exc:
-                raise TrainingError(f"the last checkpoint could not be written: {exc}") from None
+        self._close_store(after_failure=False)  # its buffers freed
 
     def close(self) -> None:
         """Let go of the run folder: wait for a checkpoint written in the background, then release the writer lock
         that ``resume()`` or ``save()`` took, so another Trainer (a notebook's next cell) may write the run. ``fit``
-        releases it itself when it returns; a later ``fit`` or ``resume`` takes it again. ``with Trainer(...) as t:``
-        closes at the end of the block."""
-        try:
-            self._let_go()
-        except EtappeError as exc:
-            raise TrainingError(f"the last checkpoint could not be written: {exc}") from None
+        releases it itself when it returns; a later ``fit``, ``save`` or ``resume`` takes it again (``fit`` and
+        ``save`` are refused if another Trainer moved the run on meanwhile). ``with Trainer(...) as t:`` closes at
+        the end of the block. A background save that failed is raised here once; the next save writes afresh."""
+        self._close_store(after_failure=False)
 
     def __enter__(self) -> "Trainer":
         return self
 
     def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
-        if kind is None:
-            self.close()
-            return
-        try:  # the block's own error is the one to see
+        self._close_store(after_failure=kind is not None)
+
+    def _close_store(self, *, after_failure: bool) -> None:
+        """``_let_go``, saying how a checkpoint being written in the background failed: the TrainingError, or,
+        after a failure (the error to see), a warning."""
+        try:
             self._let_go()
         except EtappeError as exc:
+            if not after_failure:
+                raise TrainingError(f"the last checkpoint could not be written: {exc}") from None
             log.warn(f"the checkpoint being written in the background failed as well: {exc}")
 
     def _let_go(self) -> None:
         """Let go of the run folder that ``resume`` made this Trainer the writer of (``fit`` takes it again)."""
         if self.store is not None and self.main:
             self.store.close()
+
+    def _take_folder(self) -> None:
+        """Become the run folder's one writer, if this Trainer is not already (its first save, ``fit`` after
+        ``fit``, ``save`` after ``close``), unless another Trainer has moved the run on past what this one has
+        seen: writing from this Trainer's older state would overwrite that Trainer's newer checkpoints (a
+        notebook's earlier cell run again). On every rank."""
+        newest = None
+        if self.main and not self.store.writing:
+            self.store.lock()
+            steps = [c.step for c in self.store.checkpoints()]
+            newest = steps[-1] if steps else None
+        newest = distributed.broadcast_object(newest)
+        if newest is not None and newest > (self._newest_seen if self._newest_seen is not None else -1):
+            if self.main:
+                self.store.close()
+            raise UsageError(
+                f"{self.run_dir} moved on to step {newest}, past this Trainer's step {self.progress.step} (another "
+                f"Trainer continued the run): training or saving from here would overwrite those checkpoints. Call "
+                f"resume() to continue from step {newest}, or use a new run folder"
+            )
 
     def _stop_or_save_due(self, signalled: bool, last_save: float) -> tuple[bool, bool]:
         """Whether to save and stop (a signal arrived), and whether a save by step or time cadence is due: agreed
@@ -717,9 +735,11 @@ class Trainer:
             return None
         if not self._looked:
             self._refuse_saving_over_a_run()
+        self._take_folder()
         # Every rank's part (random state, epoch sums) is gathered into the one checkpoint that rank 0 commits,
         # after all ranks reached this point, so a committed checkpoint holds every rank's part.
         self.per_rank.capture(distributed.all_gather_object(self.per_rank.mine()))
+        self._newest_seen = max(self.progress.step, self._newest_seen or 0)
         path = None
         if self.sharded:  # every rank writes its shards; rank 0 writes the rest and commits
             objects = {**self.state_objects(), "config": self.config}
@@ -782,9 +802,12 @@ class Trainer:
         if path is None:
             if self.main:
                 try:
-                    self.store.wait()  # a background save in flight is the newest checkpoint once committed
+                    self.store.wait(clear=True)  # a background save in flight is the newest once committed
                 except EtappeError as exc:
                     log.warn(f"the last background save failed, resuming from the checkpoint before it: {exc}")
+        if self.store is not None:
+            self._newest_seen = max(self._held_steps(path), default=None)  # a bad newest one counts as seen
+        if path is None:
             # rank 0 picks, so every rank loads the same one even if a check fails on one rank alone
             path = distributed.broadcast_object(self.store.latest() if self.main else None)
             if path is None:
@@ -800,12 +823,27 @@ class Trainer:
             )
         self.resumed_from = path
         p = self.progress
+        self._newest_seen = max(self._newest_seen or 0, p.step)
         self._resumed_at = p.epoch + p.batches_done_in_epoch / max(len(self.batches), 1)
         if not self.quiet:
             p = self.progress
             where = self.run_dir if self.run_dir is not None else path
             log.info(f"Resuming {where} from step {p.step} (epoch {p.epoch + 1}, batch {p.batches_done_in_epoch})")
         return self.resumed_from
+
+    def _held_steps(self, path: str | Path | None) -> list[int]:
+        """The steps of the run folder's checkpoints, on every rank. A checkpoint from elsewhere (``path`` outside
+        the run folder) is refused when the folder holds a run: it would continue another run's state into this
+        one's, never compared with its config, over its steps."""
+        held = distributed.broadcast_object([(str(c.path), c.step) for c in self.store.checkpoints()]
+                                            if self.main else None)
+        if held and path is not None and not any(_same_place(path, where) for where, _ in held):
+            raise UsageError(
+                f"{self.run_dir} holds a run (checkpoints up to step {held[-1][1]}); resume({str(path)!r}) would "
+                "continue another run's checkpoint into it, over its steps: resume() that run (no path, or one of "
+                "its own checkpoints), or give this Trainer a new run folder to continue the other checkpoint in"
+            )
+        return [step for _, step in held]
 
     def _restore(self, path: Path, epochs: int | None) -> None:
         from etappe.checkpoint import load
@@ -895,6 +933,13 @@ class Trainer:
                         for sched in self.schedulers.values():
                             if hasattr(sched, "base_lrs") and i < len(sched.base_lrs):
                                 sched.base_lrs[i] = value
+
+
+def _same_place(given: str | Path, held: str) -> bool:
+    """Whether a path or URL given names the checkpoint a store lists as ``held``."""
+    if rundir.looks_like_url(given) or rundir.looks_like_url(held):
+        return str(given).rstrip("/") == held.rstrip("/")
+    return Path(given).resolve() == Path(held).resolve()
 
 
 def _named(given: Any, name: str) -> dict[str, Any]:

@@ -98,6 +98,11 @@ class ObjectCheckpointStore:
             self._client = Client()
         return self._client
 
+    @property
+    def writing(self) -> bool:
+        """Whether this store holds the writer lease now (``lock`` or a save took it, ``close`` has not let go)."""
+        return self._lease is not None
+
     def lock(self) -> None:
         """Become this store's one writer (the first ``save`` does it; ``close`` lets go): probe the store once for
         create-only writes, take the lease ``ROOT/writer.lock``, and remove interrupted saves. CheckpointError naming
@@ -135,14 +140,14 @@ class ObjectCheckpointStore:
         self._writer.start(lambda: self._commit(name, snapshot, meta, step), where)
         return where
 
-    def wait(self) -> str | None:
+    def wait(self, *, clear: bool = False) -> str | None:
         """As ``CheckpointStore.wait``: block until the background save is committed and pruned."""
-        return self._writer.wait()
+        return self._writer.wait(clear=clear)
 
     def close(self) -> str | None:
-        """``wait()``, free the async snapshot memory, and give up the lease."""
+        """``wait(clear=True)``, free the async snapshot memory, and give up the lease."""
         try:
-            return self.wait()
+            return self.wait(clear=True)
         finally:
             self._pool.clear()
             if self._lease is not None:

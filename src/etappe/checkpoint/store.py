@@ -102,6 +102,11 @@ class CheckpointStore:
     def path_for(self, step: int) -> Path:
         return self.root / f"step-{step:08d}"  # _step_of reads it back
 
+    @property
+    def writing(self) -> bool:
+        """Whether this store is its folder's writer now (``lock`` or a save took it, ``close`` has not let go)."""
+        return self._lock is not None and self._lock.fd is not None
+
     def lock(self) -> None:
         """Become this folder's one writer (``save`` does it first, ``close`` lets go), and remove temporary
         folders of saves that crashed. Raises CheckpointError naming the holder if another writer has it."""
@@ -158,17 +163,19 @@ class CheckpointStore:
         self._writer.start(lambda: self._commit(path, snapshot, meta, step), path)
         return path
 
-    def wait(self) -> Path | None:
+    def wait(self, *, clear: bool = False) -> Path | None:
         """Block until the background save in flight is committed and pruned; return the last checkpoint saved in
         the background (None if there was none). Raises CheckpointError if that save failed; it is raised again
-        by every ``wait()`` and by the next ``save()``. Returns at once for a store that saves synchronously."""
-        return self._writer.wait()
+        by every ``wait()`` and by the next ``save()``, until a ``wait(clear=True)`` or ``close()`` has raised it
+        (the caller has been told: the next save writes afresh). Returns at once for a store that saves
+        synchronously."""
+        return self._writer.wait(clear=clear)
 
     def close(self) -> Path | None:
-        """``wait()``, then free the memory async saves copy into (the next save allocates it again) and let go of
-        the writer lock."""
+        """``wait(clear=True)``, then free the memory async saves copy into (the next save allocates it again) and
+        let go of the writer lock."""
         try:
-            return self.wait()
+            return self.wait(clear=True)
         finally:
             self._pool.clear()
             if self._lock is not None:
